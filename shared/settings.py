@@ -1,0 +1,177 @@
+"""The app's settings: declared once, read lazily at first use, validated with messages that name the setting.
+
+Importing the function app must never fail because a setting is missing (Azure would only say
+"0 functions found"), so nothing here runs at import time.  ``SETTINGS`` is the single list of
+names the code reads; the infra tests compare it with the app settings the Bicep deploys.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from shared.errors import ConfigurationError
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    name: str
+    default: str | None  # None: required
+    description: str
+    # Read by azure-identity itself, or only by the Functions host through a binding expression.
+    external: bool = False
+
+
+SETTINGS: tuple[SettingSpec, ...] = (
+    SettingSpec("DATAVERSE_URL", None, "Environment URL, e.g. https://contoso.crm4.dynamics.com"),
+    SettingSpec("DATAVERSE_TENANT_ID", None, "Entra tenant (directory) id of the app registration"),
+    SettingSpec("DATAVERSE_CLIENT_ID", None, "Application (client) id of the app registration"),
+    SettingSpec("KEY_VAULT_URL", None, "https://<vault>.vault.azure.net"),
+    SettingSpec("DATAVERSE_CLIENT_SECRET_NAME", "dataverse-client-secret", "Key Vault secret with the client secret"),
+    SettingSpec("WEBHOOK_SECRET_NAME", "webhook-signing-secret", "Key Vault secret with the webhook signing key"),
+    SettingSpec("DATAVERSE_API_VERSION", "v9.2", "Web API version"),
+    SettingSpec("SYNC_QUEUE_NAME", "dynamics-sync", "Queue of sync jobs; -deadletter and -poison derive from it"),
+    SettingSpec("RECONCILE_SCHEDULE", "0 0 */6 * * *", "NCRONTAB schedule of reconcile_users", external=True),
+    SettingSpec("DATAVERSE_TIMEOUT_SECONDS", "30", "Timeout of one Dataverse HTTP request"),
+    SettingSpec("DATAVERSE_MAX_RETRIES", "5", "Retries of one Dataverse request on 429/5xx/timeouts"),
+    SettingSpec("DATAVERSE_MAX_RETRY_SECONDS", "60", "Total time one request may spend waiting to retry"),
+    SettingSpec("USER_CACHE_TTL_SECONDS", "900", "How long a found user stays cached per instance"),
+    SettingSpec("USER_CACHE_NEGATIVE_TTL_SECONDS", "60", "How long 'no such user' stays cached"),
+    SettingSpec("AZURE_AUTHORITY_HOST", "", "Entra authority host (azure-identity's own setting)", external=True),
+    SettingSpec("AZURE_CLIENT_ID", "", "User-assigned managed identity for Key Vault (azure-identity's own)",
+                external=True),
+)
+
+_PUBLIC_AUTHORITIES = (
+    "login.microsoftonline.com",
+    "login.microsoftonline.us",
+    "login.chinacloudapi.cn",
+    "login.partner.microsoftonline.cn",
+)
+
+
+def _https_url(name: str, value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ConfigurationError(name, f"must be an https:// URL, got {value!r}")
+    if parts.query or parts.fragment or parts.path not in ("", "/"):
+        raise ConfigurationError(name, f"must be the bare https://host[:port] with no path, got {value!r}")
+    return f"https://{parts.netloc}"
+
+
+def _guid(name: str, value: str) -> str:
+    import uuid
+
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise ConfigurationError(name, f"must be a GUID, got {value!r}") from None
+
+
+def _positive(name: str, value: str, kind: Callable[[str], float] = float) -> float:
+    try:
+        number = kind(value)
+    except ValueError:
+        raise ConfigurationError(name, f"must be a number, got {value!r}") from None
+    if number < 0:
+        raise ConfigurationError(name, f"must not be negative, got {value!r}")
+    return number
+
+
+@dataclass(frozen=True)
+class Settings:
+    dataverse_url: str
+    tenant_id: str
+    client_id: str
+    key_vault_url: str
+    client_secret_name: str = "dataverse-client-secret"
+    webhook_secret_name: str = "webhook-signing-secret"
+    api_version: str = "v9.2"
+    sync_queue_name: str = "dynamics-sync"
+    authority_host: str = ""
+    timeout_seconds: float = 30.0
+    max_retries: int = 5
+    max_retry_seconds: float = 60.0
+    user_cache_ttl: float = 900.0
+    user_cache_negative_ttl: float = 60.0
+
+    @property
+    def api_base(self) -> str:
+        """``https://org.crm.dynamics.com/api/data/v9.2/`` (with the trailing slash)."""
+        return f"{self.dataverse_url}/api/data/{self.api_version}/"
+
+    @property
+    def scope(self) -> str:
+        return f"{self.dataverse_url}/.default"
+
+    @property
+    def public_authority(self) -> bool:
+        """False for a private authority (sovereign test host, the local emulator): no instance discovery."""
+        if not self.authority_host:
+            return True
+        return (urlsplit(self.authority_host).hostname or "") in _PUBLIC_AUTHORITIES
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+
+        def value(name: str) -> str:
+            spec = next(s for s in SETTINGS if s.name == name)
+            raw = (env.get(name) or "").strip()
+            if raw:
+                return raw
+            if spec.default is None:
+                raise ConfigurationError(name, f"is required ({spec.description})", code="setting_missing")
+            return spec.default
+
+        authority = value("AZURE_AUTHORITY_HOST")
+        if authority:
+            parts = urlsplit(authority if "://" in authority else f"https://{authority}")
+            if parts.scheme != "https" or not parts.hostname:
+                raise ConfigurationError("AZURE_AUTHORITY_HOST", f"must be an https:// host, got {authority!r}")
+            authority = f"https://{parts.netloc}"
+        api_version = value("DATAVERSE_API_VERSION")
+        if not api_version.startswith("v") or not api_version[1:].replace(".", "").isdigit():
+            raise ConfigurationError("DATAVERSE_API_VERSION", f"must look like v9.2, got {api_version!r}")
+        return cls(
+            dataverse_url=_https_url("DATAVERSE_URL", value("DATAVERSE_URL")),
+            tenant_id=_guid("DATAVERSE_TENANT_ID", value("DATAVERSE_TENANT_ID")),
+            client_id=_guid("DATAVERSE_CLIENT_ID", value("DATAVERSE_CLIENT_ID")),
+            key_vault_url=_https_url("KEY_VAULT_URL", value("KEY_VAULT_URL")),
+            client_secret_name=value("DATAVERSE_CLIENT_SECRET_NAME"),
+            webhook_secret_name=value("WEBHOOK_SECRET_NAME"),
+            api_version=api_version,
+            sync_queue_name=value("SYNC_QUEUE_NAME"),
+            authority_host=authority,
+            timeout_seconds=_positive("DATAVERSE_TIMEOUT_SECONDS", value("DATAVERSE_TIMEOUT_SECONDS")),
+            max_retries=int(_positive("DATAVERSE_MAX_RETRIES", value("DATAVERSE_MAX_RETRIES"), int)),
+            max_retry_seconds=_positive("DATAVERSE_MAX_RETRY_SECONDS", value("DATAVERSE_MAX_RETRY_SECONDS")),
+            user_cache_ttl=_positive("USER_CACHE_TTL_SECONDS", value("USER_CACHE_TTL_SECONDS")),
+            user_cache_negative_ttl=_positive(
+                "USER_CACHE_NEGATIVE_TTL_SECONDS", value("USER_CACHE_NEGATIVE_TTL_SECONDS")
+            ),
+        )
+
+
+_lock = threading.Lock()
+_settings: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The process's settings, read from the environment at first use and then kept."""
+    global _settings
+    if _settings is None:
+        with _lock:
+            if _settings is None:
+                _settings = Settings.from_env()
+    return _settings
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests, and the local host when it switches sandboxes)."""
+    global _settings
+    with _lock:
+        _settings = None
