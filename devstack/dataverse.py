@@ -1,0 +1,1289 @@
+"""Dataverse Web API emulator: one ``Org`` per sandbox, one Flask app for all of them.
+
+It exists so the project's client can be proven against the behaviours that break naive
+integrations, faithfully enough that passing here means working there: the 401 with an empty
+body, quoted-literal filters, paging by opaque ``$skiptoken``, alternate keys, conditional
+writes, impersonation that is *silently ignored* for an unknown caller, and service protection
+(429 + ``Retry-After``) counted per calling user over a sliding window.  Error bodies carry the
+real codes and messages (sources: Microsoft Learn "Troubleshoot Dataverse Web API client
+errors", "Service protection API limits", the Web service error codes list; [obs] marks what
+was seen in real responses quoted in public issues rather than documented).
+
+Anything outside what is emulated answers 501 with a message that says so, rather than a guess.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+import jwt
+from flask import Flask, Response, request
+
+from devstack import odata, web
+from devstack.sandboxes import Registry, Sandbox
+
+SERVICE = "dataverse"
+MAX_PAGE_SIZE = 5000
+JSON_TYPE = "application/json; odata.metadata=minimal"
+APP_USER_FULLNAME = "# dataverse-s2s (application)"
+_USER_NAMESPACE = uuid.UUID("6f1c2a0e-5d7b-4c8e-9a4f-3b2d1e0c9f8a")
+_VERSION_RE = re.compile(r"v[0-9]+\.[0-9]+")
+_GUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PAYLOAD_HELP = (
+    "Error identified in Payload provided by the user for Entity :'{entity_set}', For more information on "
+    "this error please follow this help link https://go.microsoft.com/fwlink/?linkid=2195293  ---->  "
+    "InnerException : Microsoft.OData.ODataException: {inner}"
+)
+
+# Real codes (see the module docstring for sources).
+CODE_NOT_FOUND = "0x80040217"  # ObjectDoesNotExist
+CODE_KEY_NOT_FOUND = "0x80060891"  # RecordNotFoundByEntityKey
+CODE_DUPLICATE_KEY = "0x80060892"  # DuplicateRecordEntityKey
+CODE_DUPLICATE = "0x80040237"  # DuplicateRecord
+CODE_VERSION_MISMATCH = "0x80060882"  # ConcurrencyVersionMismatch
+CODE_SEGMENT = "0x8006088a"  # resource not found for the segment
+CODE_ODATA = odata.SYNTAX_ERROR_CODE  # 0x80060888: query syntax, unknown property
+CODE_PAYLOAD = "0x80048d19"  # error identified in payload
+CODE_NO_DELEGATE = "0x8004A110"  # CannotActOnBehalfOfAnotherUser
+CODE_USER_DISABLED = "0x80040225"  # [obs] answered for a disabled (calling or impersonated) user
+CODE_NOT_MEMBER = "0x80072560"  # UserNotMemberOfOrg
+CODE_LIMIT_REQUESTS = "0x80072322"
+CODE_LIMIT_TIME = "0x80072321"
+CODE_LIMIT_CONCURRENCY = "0x80072326"
+
+SYSTEMUSER_FIELDS = (
+    "systemuserid",
+    "internalemailaddress",
+    "fullname",
+    "firstname",
+    "lastname",
+    "domainname",
+    "azureactivedirectoryobjectid",
+    "isdisabled",
+    "accessmode",
+    "applicationid",
+    "_businessunitid_value",
+    "createdon",
+    "modifiedon",
+)
+SYSTEM_FIELDS = (
+    "createdon",
+    "modifiedon",
+    "_createdby_value",
+    "_modifiedby_value",
+    "_createdonbehalfby_value",
+    "_modifiedonbehalfby_value",
+    "_ownerid_value",
+    "versionnumber",
+)
+
+
+class DataverseError(Exception):
+    """An answer in Dataverse's error shape; raised anywhere below the request handler."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+def _now_text() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _norm_key(value: object) -> object:
+    """Key values compare like SQL Server's case-insensitive collation does."""
+    if isinstance(value, odata.Guid):
+        return value.value
+    if isinstance(value, str):
+        return value.rstrip(" ").lower()
+    return value
+
+
+def _lower_guid(value: object) -> str | None:
+    return value.lower() if isinstance(value, str) and _GUID_RE.fullmatch(value) else None
+
+
+@dataclass
+class Table:
+    """An entity set with its primary id and alternate keys (each key a tuple of attributes)."""
+
+    entity_set: str
+    logical_name: str
+    primary_id: str
+    alternate_keys: list[tuple[str, ...]]
+    metadata_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def definition(self) -> dict[str, Any]:
+        return {
+            "MetadataId": self.metadata_id,
+            "LogicalName": self.logical_name,
+            "SchemaName": self.logical_name.capitalize(),
+            "EntitySetName": self.entity_set,
+            "PrimaryIdAttribute": self.primary_id,
+            "PrimaryNameAttribute": "fullname" if self.logical_name == "contact" else "name",
+            "LogicalCollectionName": self.entity_set,
+        }
+
+    def key_for(self, attributes: set[str]) -> tuple[str, ...] | None:
+        return next((k for k in self.alternate_keys if set(k) == attributes), None)
+
+    def key_name(self, key: tuple[str, ...]) -> str:
+        return f"{self.logical_name}_{'_'.join(key)}_key"
+
+
+@dataclass
+class Limits:
+    requests: int = 6000
+    window_seconds: float = 300.0
+    execution_ms: int = 1_200_000
+    concurrent: int = 52
+
+
+@dataclass
+class _Entry:
+    at: float
+    ms: float = 0.0
+
+
+@dataclass
+class Caller:
+    """Who a request runs as: ``user`` (effective) and ``on_behalf_of`` (the app user, when impersonating)."""
+
+    user: dict[str, Any]
+    on_behalf_of: dict[str, Any] | None
+
+
+class Org:
+    """One sandbox's Dataverse: users, tables, records, privileges, limits. Thread-safe (one lock).
+
+    The control API calls the public methods; the Flask app calls the ``_``-free helpers
+    documented as "for the app" too, always under the same lock.
+    """
+
+    def __init__(self, sandbox: Sandbox, seed: str = "default", users: int = 0) -> None:
+        if seed not in ("default", "empty"):
+            raise ValueError(f"unknown seed {seed!r}; 'default' or 'empty'")
+        self.sandbox = sandbox
+        self.lock = threading.RLock()
+        self.organization_id = str(uuid.uuid5(_USER_NAMESPACE, f"{sandbox.tenant_id}:organization"))
+        self.business_unit_id = str(uuid.uuid5(_USER_NAMESPACE, f"{sandbox.tenant_id}:businessunit"))
+        self.impersonation_privilege = True
+        self.dop_hint = 4
+        self.limits = Limits()
+        self._window: deque[_Entry] = deque()
+        self._in_flight = 0
+        self._version = 1_000_000
+        self._users: dict[str, dict[str, Any]] = {}
+        self._ignore_impersonation: set[str] = set()
+        self.tables: dict[str, Table] = {}
+        self.add_entity("contacts", "contactid", [["emailaddress1"]])
+        self.add_entity("accounts", "accountid", [["accountnumber"]])
+        self.add_entity("leads", "leadid", [])
+        self.app_user_id = self._seed_user(
+            f"{sandbox.client_id}@devstack.onmicrosoft.com",
+            APP_USER_FULLNAME,
+            object_id=sandbox.app_object_id,
+            application_id=sandbox.client_id,
+            access_mode=4,
+        )["systemuserid"]
+        if seed == "default":
+            self._seed_user("jane@contoso.com", "Jane Doe")
+            self._seed_user("john@contoso.com", "John Smith")
+            self._seed_user("o'brien@contoso.com", "Siobhan O'Brien")
+            self._seed_user("disabled@contoso.com", "Dana Disabled", disabled=True)
+            self._seed_user("noentra@contoso.com", "Nora Noentra", object_id=None)
+            self._seed_user("shared@contoso.com", "Sam Shared", tag="1")
+            self._seed_user("shared@contoso.com", "Sasha Shared", tag="2")
+        for n in range(1, users + 1):
+            self._seed_user(f"actor{n:04d}@contoso.com", f"Actor {n:04d}")
+
+    # --- ids and versions -----------------------------------------------------------------------
+    def _stable_id(self, *parts: str) -> str:
+        """Deterministic per tenant, so the fixed `default` sandbox has stable, documentable ids."""
+        return str(uuid.uuid5(_USER_NAMESPACE, ":".join((self.sandbox.tenant_id, *parts))))
+
+    def _next_version(self) -> int:
+        self._version += 1
+        return self._version
+
+    # --- users ----------------------------------------------------------------------------------
+    def _seed_user(
+        self,
+        email: str,
+        fullname: str,
+        *,
+        object_id: str | None = "auto",
+        disabled: bool = False,
+        application_id: str | None = None,
+        access_mode: int = 0,
+        tag: str = "",
+    ) -> dict[str, Any]:
+        user_id = self._stable_id("user", email, tag)
+        if object_id == "auto":
+            object_id = self._stable_id("object", email, tag)
+        return self._insert_user(user_id, email, fullname, object_id, disabled, application_id, access_mode)
+
+    def _insert_user(
+        self,
+        user_id: str,
+        email: str | None,
+        fullname: str | None,
+        object_id: str | None,
+        disabled: bool,
+        application_id: str | None,
+        access_mode: int,
+    ) -> dict[str, Any]:
+        first, _, last = (fullname or "").partition(" ")
+        now = _now_text()
+        user = {
+            "systemuserid": user_id,
+            "internalemailaddress": email,
+            "fullname": fullname,
+            "firstname": first or None,
+            "lastname": last or None,
+            "domainname": email,
+            "azureactivedirectoryobjectid": object_id,
+            "isdisabled": disabled,
+            "accessmode": access_mode,
+            "applicationid": application_id,
+            "_businessunitid_value": self.business_unit_id,
+            "createdon": now,
+            "modifiedon": now,
+            "versionnumber": self._next_version(),
+        }
+        with self.lock:
+            self._users[user_id] = user
+        return user
+
+    def add_user(
+        self,
+        email: str,
+        fullname: str | None = None,
+        object_id: str | None = "auto",
+        disabled: bool = False,
+        ignore_impersonation: bool = False,
+    ) -> dict[str, Any]:
+        """A new user (wire shape). ``ignore_impersonation`` simulates a stale Entra object id."""
+        if object_id == "auto":
+            object_id = str(uuid.uuid4())
+        elif object_id is not None and not _GUID_RE.fullmatch(object_id):
+            raise ValueError("object_id must be a GUID, None or 'auto'")
+        with self.lock:
+            user = self._insert_user(
+                str(uuid.uuid4()), email, fullname or email.partition("@")[0], object_id, disabled, None, 0
+            )
+            if ignore_impersonation:
+                self._ignore_impersonation.add(user["systemuserid"])
+            return self._wire_user(user)
+
+    def update_user(self, systemuserid: str, **fields: Any) -> dict[str, Any]:
+        """Change wire fields (and ``ignore_impersonation``); bumps modifiedon and the version."""
+        allowed = set(SYSTEMUSER_FIELDS) - {
+            "systemuserid",
+            "createdon",
+            "modifiedon",
+            "_businessunitid_value",
+        }
+        unknown = set(fields) - allowed - {"ignore_impersonation"}
+        if unknown:
+            raise ValueError(f"unknown systemuser field(s): {', '.join(sorted(unknown))}")
+        with self.lock:
+            user = self._users.get(systemuserid.lower())
+            if user is None:
+                raise KeyError(systemuserid)
+            ignore = fields.pop("ignore_impersonation", None)
+            if ignore is True:
+                self._ignore_impersonation.add(user["systemuserid"])
+            elif ignore is False:
+                self._ignore_impersonation.discard(user["systemuserid"])
+            user.update(fields)
+            user["modifiedon"] = _now_text()
+            user["versionnumber"] = self._next_version()
+            return self._wire_user(user)
+
+    def remove_user(self, systemuserid: str) -> bool:
+        with self.lock:
+            self._ignore_impersonation.discard(systemuserid.lower())
+            return self._users.pop(systemuserid.lower(), None) is not None
+
+    def users_wire(self) -> list[dict[str, Any]]:
+        """Every user in the ``systemusers`` wire shape (the application user first)."""
+        with self.lock:
+            return [self._wire_user(u) for u in self._users.values()]
+
+    @staticmethod
+    def _wire_user(user: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: user.get(k) for k in SYSTEMUSER_FIELDS}
+
+    # --- tables ---------------------------------------------------------------------------------
+    def add_entity(
+        self, entity_set: str, primary_id: str, alternate_keys: list[list[str]] | None = None
+    ) -> None:
+        """A table with its primary id and alternate keys; its logical name is the id less "id"."""
+        if not _IDENT_RE.fullmatch(entity_set) or not _IDENT_RE.fullmatch(primary_id):
+            raise ValueError("entity_set and primary_id must be plain identifiers")
+        if not primary_id.endswith("id") or len(primary_id) < 3:
+            raise ValueError("primary_id must be '<logicalname>id'")
+        keys = [tuple(k) for k in (alternate_keys or [])]
+        for key in keys:
+            if not key or not all(_IDENT_RE.fullmatch(a) for a in key) or len(set(key)) != len(key):
+                raise ValueError(f"bad alternate key {list(key)!r}")
+        with self.lock:
+            existing = self.tables.get(entity_set)
+            if existing is not None:
+                existing.alternate_keys = keys
+                return
+            self.tables[entity_set] = Table(entity_set, primary_id[:-2], primary_id, keys)
+
+    def records(self, entity_set: str) -> list[dict[str, Any]]:
+        """Every record of a table with its system fields (copies)."""
+        with self.lock:
+            table = self.tables.get(entity_set)
+            if table is None:
+                raise KeyError(entity_set)
+            return [dict(r) for r in table.records.values()]
+
+    # --- settings -------------------------------------------------------------------------------
+    def set_limits(
+        self,
+        requests: int | None = None,
+        window_seconds: float | None = None,
+        execution_ms: int | None = None,
+        concurrent: int | None = None,
+        dop_hint: int | None = None,
+    ) -> dict[str, Any]:
+        """Service-protection limits of the application user (None keeps a value); clears the window."""
+        for name, value in (
+            ("requests", requests),
+            ("window_seconds", window_seconds),
+            ("execution_ms", execution_ms),
+            ("concurrent", concurrent),
+            ("dop_hint", dop_hint),
+        ):
+            if value is not None and (isinstance(value, bool) or value <= 0):
+                raise ValueError(f"{name} must be positive")
+        with self.lock:
+            if requests is not None:
+                self.limits.requests = int(requests)
+            if window_seconds is not None:
+                self.limits.window_seconds = float(window_seconds)
+            if execution_ms is not None:
+                self.limits.execution_ms = int(execution_ms)
+            if concurrent is not None:
+                self.limits.concurrent = int(concurrent)
+            if dop_hint is not None:
+                self.dop_hint = int(dop_hint)
+            self._window.clear()
+            return {**self.limits.__dict__, "dop_hint": self.dop_hint}
+
+    def set_privilege(self, impersonation: bool) -> None:
+        """Grant or remove prvActOnBehalfOfAnotherUser on the application user."""
+        with self.lock:
+            self.impersonation_privilege = bool(impersonation)
+
+    # --- service protection (for the app) ------------------------------------------------------
+    @contextlib.contextmanager
+    def in_flight(self) -> Iterator[int]:
+        """Count a request as concurrent from arrival (injected latency included) to its answer."""
+        with self.lock:
+            self._in_flight += 1
+            current = self._in_flight
+        try:
+            yield current
+        finally:
+            with self.lock:
+                self._in_flight -= 1
+
+    def _trim(self, now: float) -> None:
+        horizon = now - self.limits.window_seconds
+        while self._window and self._window[0].at <= horizon:
+            self._window.popleft()
+
+    def admit(self, concurrent_at_arrival: int) -> _Entry:
+        """Admit a request into the window or raise the 429 Dataverse would answer (not executed)."""
+        now = time.monotonic()
+        limits = self.limits
+        with self.lock:
+            self._trim(now)
+            if concurrent_at_arrival > limits.concurrent:
+                raise _throttled(
+                    CODE_LIMIT_CONCURRENCY,
+                    f"Number of concurrent requests exceeded the limit of {limits.concurrent}.",
+                    1.0,
+                )
+            if len(self._window) >= limits.requests:
+                wait = self._window[0].at + limits.window_seconds - now
+                raise _throttled(
+                    CODE_LIMIT_REQUESTS,
+                    f"Number of requests exceeded the limit of {limits.requests} over time window of "
+                    f"{_seconds(limits.window_seconds)} seconds.",
+                    wait,
+                )
+            used = sum(e.ms for e in self._window)
+            if used >= limits.execution_ms:
+                wait = self._window[-1].at + limits.window_seconds - now
+                for entry in self._window:
+                    used -= entry.ms
+                    if used < limits.execution_ms:
+                        wait = entry.at + limits.window_seconds - now
+                        break
+                raise _throttled(
+                    CODE_LIMIT_TIME,
+                    f"Combined execution time of incoming requests exceeded limit of {limits.execution_ms:,} "
+                    f"milliseconds over time window of {_seconds(limits.window_seconds)} seconds. Decrease "
+                    "number of concurrent requests or reduce the duration of requests and try again later.",
+                    wait,
+                )
+            entry = _Entry(now)
+            self._window.append(entry)
+            return entry
+
+    def finish(self, entry: _Entry, started: float) -> None:
+        with self.lock:
+            entry.ms = (time.monotonic() - started) * 1000.0
+
+    def remaining(self) -> tuple[int, float]:
+        """(requests, execution ms) left in the window: the x-ms-ratelimit-* debugging headers."""
+        with self.lock:
+            self._trim(time.monotonic())
+            used = sum(e.ms for e in self._window)
+            return max(self.limits.requests - len(self._window), 0), max(self.limits.execution_ms - used, 0.0)
+
+    # --- callers (for the app) ------------------------------------------------------------------
+    def resolve_caller(self, appid: str, caller_object_id: str | None, caller_id: str | None) -> Caller:
+        """The effective user of a request, applying Dataverse's impersonation rules."""
+        with self.lock:
+            app_user = next(
+                (u for u in self._users.values() if (u.get("applicationid") or "").lower() == appid.lower()),
+                None,
+            )
+            if app_user is None:
+                raise DataverseError(403, CODE_NOT_MEMBER, "The user is not a member of the organization.")
+            if app_user["isdisabled"]:
+                raise DataverseError(400, CODE_USER_DISABLED, self._disabled_message(app_user))
+            requested = caller_object_id if caller_object_id is not None else caller_id
+            if requested is None or not requested.strip():
+                return Caller(dict(app_user), None)
+            wanted = requested.strip().lower()
+            field_name = "azureactivedirectoryobjectid" if caller_object_id is not None else "systemuserid"
+            if (app_user.get(field_name) or "").lower() == wanted:
+                return Caller(dict(app_user), None)  # impersonating yourself: no on-behalf-of
+            if not self.impersonation_privilege:
+                raise DataverseError(
+                    403, CODE_NO_DELEGATE, "User does not have the privilege to act on behalf another user."
+                )
+            target = next(
+                (u for u in self._users.values() if (u.get(field_name) or "").lower() == wanted), None
+            )
+            if target is None or target["systemuserid"] in self._ignore_impersonation:
+                self.sandbox.counters.count(SERVICE, "impersonation:ignored")
+                return Caller(dict(app_user), None)  # silently runs as the caller [obs]
+            if target["isdisabled"]:
+                raise DataverseError(400, CODE_USER_DISABLED, self._disabled_message(target))
+            self.sandbox.counters.count(SERVICE, "impersonation:applied")
+            return Caller(dict(target), dict(app_user))
+
+    def _disabled_message(self, user: Mapping[str, Any]) -> str:
+        return (
+            f"The user with SystemUserId={user['systemuserid']} in "
+            f"OrganizationContext={self.organization_id} "
+            "is disabled. Disabled users cannot access the system. Consider enabling this user. Also, users "
+            "are disabled if they don't have a license assigned to them."
+        )
+
+    def user_rows(self) -> list[dict[str, Any]]:
+        """For the app: users with their version, ordered by id (the paging order)."""
+        with self.lock:
+            return sorted((dict(u) for u in self._users.values()), key=lambda u: u["systemuserid"])
+
+    # --- record writes (for the app) -------------------------------------------------------------
+    def find(self, table: Table, key: str | dict[str, odata.Value]) -> dict[str, Any] | None:
+        with self.lock:
+            if isinstance(key, str):
+                return table.records.get(key)
+            wanted = {a: _norm_key(v) for a, v in key.items()}
+            for record in table.records.values():
+                if all(_norm_key(record.get(a)) == v for a, v in wanted.items()):
+                    return record
+            return None
+
+    def _check_unique(self, table: Table, record: Mapping[str, Any]) -> None:
+        for key in table.alternate_keys:
+            values = [record.get(a) for a in key]
+            if any(v is None for v in values):
+                continue
+            normed = [_norm_key(v) for v in values]
+            for other in table.records.values():
+                if other[table.primary_id] == record[table.primary_id]:
+                    continue
+                if [_norm_key(other.get(a)) for a in key] == normed:
+                    raise DataverseError(
+                        412,
+                        CODE_DUPLICATE_KEY,
+                        f"Entity Key {table.key_name(key)} violated. A record with the same value for "
+                        f"{','.join(key)} already exists. A duplicate record cannot be created.",
+                    )
+
+    def create(
+        self, table: Table, data: Mapping[str, Any], caller: Caller, record_id: str | None
+    ) -> dict[str, Any]:
+        with self.lock:
+            rid = record_id or str(uuid.uuid4())
+            if rid in table.records:
+                raise DataverseError(412, CODE_DUPLICATE, "A record with matching key values already exists.")
+            now = _now_text()
+            on_behalf = caller.on_behalf_of["systemuserid"] if caller.on_behalf_of else None
+            record: dict[str, Any] = {table.primary_id: rid, **data}
+            record.update(
+                {
+                    table.primary_id: rid,
+                    "createdon": now,
+                    "modifiedon": now,
+                    "_createdby_value": caller.user["systemuserid"],
+                    "_modifiedby_value": caller.user["systemuserid"],
+                    "_createdonbehalfby_value": on_behalf,
+                    "_modifiedonbehalfby_value": on_behalf,
+                    "_ownerid_value": caller.user["systemuserid"],
+                    "versionnumber": self._next_version(),
+                }
+            )
+            self._check_unique(table, record)
+            table.records[rid] = record
+            return dict(record)
+
+    def update(
+        self, table: Table, record: dict[str, Any], data: Mapping[str, Any], caller: Caller
+    ) -> dict[str, Any]:
+        with self.lock:
+            candidate = {**record, **data}
+            candidate.update(
+                {
+                    table.primary_id: record[table.primary_id],
+                    "modifiedon": _now_text(),
+                    "_modifiedby_value": caller.user["systemuserid"],
+                    "_modifiedonbehalfby_value": (
+                        caller.on_behalf_of["systemuserid"] if caller.on_behalf_of else None
+                    ),
+                    "versionnumber": self._next_version(),
+                }
+            )
+            self._check_unique(table, candidate)
+            record.clear()
+            record.update(candidate)
+            return dict(record)
+
+    def delete(self, table: Table, record: Mapping[str, Any]) -> None:
+        with self.lock:
+            table.records.pop(record[table.primary_id], None)
+
+
+def _seconds(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _throttled(code: str, message: str, wait: float) -> DataverseError:
+    return DataverseError(429, code, message, {"Retry-After": str(max(1, math.ceil(wait)))})
+
+
+# =============================================================================================
+# The Flask app
+
+
+@dataclass
+class _Query:
+    select: list[str] | None
+    filter: odata.Expr | None
+    top: int | None
+    count: bool
+    skiptoken: str | None
+    raw: dict[str, str]
+
+
+def _error_body(code: str, message: str) -> bytes:
+    return json.dumps({"error": {"code": code, "message": message}}, ensure_ascii=False).encode()
+
+
+def _json(status: int, body: object, headers: Mapping[str, str] | None = None) -> Response:
+    response = Response(json.dumps(body, ensure_ascii=False), status=status, content_type=JSON_TYPE)
+    for key, value in (headers or {}).items():
+        response.headers[key] = value
+    return response
+
+
+def _etag(record: Mapping[str, Any]) -> str:
+    return f'W/"{record["versionnumber"]}"'
+
+
+def _raw_path() -> str:
+    """The request path as sent, still percent-encoded (PATH_INFO has %2F decoded already)."""
+    raw = request.environ.get("REQUEST_URI") or request.environ.get("RAW_URI")
+    if not raw:
+        return quote(request.path)
+    raw = raw.split("?", 1)[0]
+    if "://" in raw:
+        raw = urlsplit(raw).path
+    return str(raw)
+
+
+def _unverified_tenant(token: str | None) -> str | None:
+    """The ``tid`` of any JWT, only to attribute counters of a request that will get a 401."""
+    if not token:
+        return None
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return None
+    tid = claims.get("tid") if isinstance(claims, dict) else None
+    return tid if isinstance(tid, str) else None
+
+
+def _bearer() -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+def _prefer() -> dict[str, str]:
+    prefs: dict[str, str] = {}
+    for header in request.headers.getlist("Prefer"):
+        for part in header.split(","):
+            name, _, value = part.strip().partition("=")
+            if name:
+                prefs[name.strip().lower()] = value.strip().strip('"')
+    return prefs
+
+
+class _Request:
+    """One request against one sandbox's org; methods raise DataverseError for error answers."""
+
+    def __init__(
+        self, org: Org, base: str, version: str, resource: odata.ResourcePath, caller: Caller
+    ) -> None:
+        self.org = org
+        self.base = base
+        self.version = version
+        self.resource = resource
+        self.caller = caller
+        self.method = request.method.upper()
+        self.prefer = _prefer()
+        self.applied: list[str] = []
+
+    # --- shared helpers -------------------------------------------------------------------------
+    @property
+    def api(self) -> str:
+        return f"{self.base}/api/data/{self.version}"
+
+    def context(self, tail: str) -> str:
+        return f"{self.api}/$metadata#{tail}"
+
+    def not_supported(self, what: str) -> DataverseError:
+        return DataverseError(
+            501, CODE_ODATA, f"{what} is not implemented by the devstack Dataverse emulator."
+        )
+
+    def method_not_allowed(self) -> DataverseError:
+        return DataverseError(
+            405, CODE_ODATA, f"The requested resource does not support http method '{self.method}'."
+        )
+
+    def query(self, known: set[str] | None, type_name: str) -> _Query:
+        args = request.args
+        for name in args:
+            if name in (
+                "$orderby",
+                "$expand",
+                "$apply",
+                "$search",
+                "$compute",
+                "fetchXml",
+                "savedQuery",
+                "userQuery",
+            ):
+                raise self.not_supported(f"The query option {name}")
+            if name == "$skip":
+                raise DataverseError(400, CODE_ODATA, "The query parameter $skip is not supported")
+            if name.startswith("$") and name not in ("$select", "$filter", "$top", "$count", "$skiptoken"):
+                raise DataverseError(400, CODE_ODATA, f"The query parameter '{name}' is not supported.")
+        try:
+            select = odata.parse_select(args["$select"]) if "$select" in args else None
+            expr = odata.parse_filter(args["$filter"]) if "$filter" in args else None
+        except odata.ODataSyntaxError as err:
+            raise DataverseError(400, err.code, err.message) from err
+        if known is not None:
+            for prop in [*(select or []), *(odata.properties(expr) if expr else [])]:
+                if prop not in known:
+                    raise DataverseError(
+                        400, CODE_ODATA, f"Could not find a property named '{prop}' on type '{type_name}'."
+                    )
+        top: int | None = None
+        if "$top" in args:
+            text = args["$top"]
+            if not text.isdigit():
+                raise DataverseError(400, CODE_ODATA, f"Invalid value '{text}' for $top query option found.")
+            top = int(text)
+        count_text = args.get("$count", "false").lower()
+        if count_text not in ("true", "false"):
+            raise DataverseError(400, CODE_ODATA, f"'{args['$count']}' is not a valid count option.")
+        return _Query(select, expr, top, count_text == "true", args.get("$skiptoken"), dict(args))
+
+    def page_size(self) -> int:
+        text = self.prefer.get("odata.maxpagesize")
+        if text is None:
+            return MAX_PAGE_SIZE
+        if not text.isdigit() or int(text) <= 0:
+            raise DataverseError(400, CODE_ODATA, f"The value '{text}' is not valid for odata.maxpagesize.")
+        size = min(int(text), MAX_PAGE_SIZE)
+        self.applied.append(f"odata.maxpagesize={size}")
+        return size
+
+    def shape(self, record: Mapping[str, Any], select: list[str] | None, primary: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"@odata.etag": _etag(record)}
+        fields = select if select is not None else list(record)
+        for name in fields:
+            out[name] = record.get(name)
+        if primary not in out:
+            out[primary] = record.get(primary)
+        return out
+
+    def collection(self, rows: list[dict[str, Any]], q: _Query, primary: str, set_name: str) -> Response:
+        """Filter, page by an opaque paging cookie over the primary id, shape: one GET answer."""
+        matches = [r for r in rows if q.filter is None or odata.evaluate(q.filter, r)]
+        matches.sort(key=lambda r: str(r[primary]))
+        total = len(matches)
+        next_link = None
+        if q.top is not None:
+            page = matches[: q.top]
+        else:
+            size = self.page_size()
+            page_number = 1
+            if q.skiptoken is not None:
+                page_number, last = _read_skiptoken(q.skiptoken, primary)
+                matches = [r for r in matches if str(r[primary]) > last]
+            page = matches[:size]
+            if len(matches) > size:
+                token = _make_skiptoken(
+                    page_number + 1, primary, str(page[-1][primary]), str(page[0][primary])
+                )
+                params = {k: v for k, v in q.raw.items() if k != "$skiptoken"}
+                encoded = "&".join(f"{quote(k, safe='$')}={quote(v, safe='')}" for k, v in params.items())
+                next_link = f"{self.api}/{set_name}?{encoded + '&' if encoded else ''}$skiptoken={token}"
+        cols = f"({','.join(q.select)})" if q.select else ""
+        body: dict[str, Any] = {"@odata.context": self.context(f"{set_name}{cols}")}
+        if q.count:
+            body["@odata.count"] = min(total, MAX_PAGE_SIZE)
+        body["value"] = [self.shape(r, q.select, primary) for r in page]
+        if next_link:
+            body["@odata.nextLink"] = next_link
+        return _json(200, body)
+
+    def single(
+        self,
+        record: Mapping[str, Any],
+        select: list[str] | None,
+        primary: str,
+        set_name: str,
+        status: int = 200,
+    ) -> Response:
+        cols = f"({','.join(select)})" if select else ""
+        body = {
+            "@odata.context": self.context(f"{set_name}{cols}/$entity"),
+            **self.shape(record, select, primary),
+        }
+        return _json(status, body, {"ETag": _etag(record)})
+
+    # --- resources ------------------------------------------------------------------------------
+    def whoami(self) -> Response:
+        if self.method != "GET" or self.resource.key is not None or self.resource.rest:
+            raise DataverseError(
+                404, "", f"No HTTP resource was found that matches the request URI '{request.url}'."
+            )
+        return _json(
+            200,
+            {
+                "@odata.context": self.context("Microsoft.Dynamics.CRM.WhoAmIResponse"),
+                "BusinessUnitId": self.org.business_unit_id,
+                "UserId": self.caller.user["systemuserid"],
+                "OrganizationId": self.org.organization_id,
+            },
+        )
+
+    def systemusers(self) -> Response:
+        if self.method != "GET":
+            raise self.not_supported(f"{self.method} on systemusers")
+        if self.resource.rest:
+            raise DataverseError(
+                404, CODE_SEGMENT, f"Resource not found for the segment '{self.resource.rest}'."
+            )
+        q = self.query(set(SYSTEMUSER_FIELDS), "Microsoft.Dynamics.CRM.systemuser")
+        rows = self.org.user_rows()
+        if self.resource.key is None:
+            return self.collection(rows, q, "systemuserid", "systemusers")
+        key = self.parse_key(self.resource.key)
+        if isinstance(key, dict):
+            if set(key) != {"systemuserid"}:
+                raise DataverseError(
+                    400,
+                    CODE_ODATA,
+                    "The specified key attributes are not a defined key for the systemuser entity",
+                )
+            key = str(_norm_key(key["systemuserid"]))
+        user = next((u for u in rows if u["systemuserid"] == key), None)
+        if user is None:
+            raise DataverseError(404, CODE_NOT_FOUND, f"systemuser With Id = {key} Does Not Exist")
+        return self.single(user, q.select, "systemuserid", "systemusers")
+
+    def parse_key(self, text: str) -> str | dict[str, odata.Value]:
+        try:
+            return odata.parse_key(text)
+        except odata.ODataSyntaxError as err:
+            raise DataverseError(400, err.code, err.message) from err
+
+    def entity_definitions(self) -> Response:
+        if self.method != "GET":
+            raise self.not_supported(f"{self.method} on EntityDefinitions")
+        definitions = [t.definition() for t in self.org.tables.values()]
+        known = set(definitions[0]) if definitions else set()
+        if self.resource.key is None:
+            if self.resource.rest:
+                raise DataverseError(
+                    404, CODE_SEGMENT, f"Resource not found for the segment '{self.resource.rest}'."
+                )
+            q = self.query(known, "Microsoft.Dynamics.CRM.EntityMetadata")
+            matches = [d for d in definitions if q.filter is None or odata.evaluate(q.filter, d)]
+            cols = f"({','.join(q.select)})" if q.select else ""
+            value = [
+                {k: d[k] for k in (q.select or list(d))} | {"MetadataId": d["MetadataId"]} for d in matches
+            ]
+            return _json(200, {"@odata.context": self.context(f"EntityDefinitions{cols}"), "value": value})
+        key = self.parse_key(self.resource.key)
+        table = next(
+            (
+                t
+                for t in self.org.tables.values()
+                if (isinstance(key, str) and t.metadata_id == key)
+                or (
+                    isinstance(key, dict)
+                    and set(key) == {"LogicalName"}
+                    and _norm_key(key["LogicalName"]) == t.logical_name
+                )
+            ),
+            None,
+        )
+        if table is None:
+            raise DataverseError(
+                404, CODE_NOT_FOUND, f"Could not find entity with key '{self.resource.key}'."
+            )
+        rest = self.resource.rest
+        if rest == "":
+            return _json(
+                200, {"@odata.context": self.context("EntityDefinitions/$entity"), **table.definition()}
+            )
+        if rest in (
+            "Attributes/Microsoft.Dynamics.CRM.PicklistAttributeMetadata",
+            "Attributes/Microsoft.Dynamics.CRM.StatusAttributeMetadata",
+            "Attributes/Microsoft.Dynamics.CRM.StateAttributeMetadata",
+        ):
+            # The emulator's tables have no option sets: an empty list is the true answer.
+            kind = rest.rsplit(".", 1)[1]
+            return _json(
+                200,
+                {
+                    "@odata.context": self.context(
+                        f"EntityDefinitions('{table.metadata_id}')/Attributes/Microsoft.Dynamics.CRM.{kind}"
+                    ),
+                    "value": [],
+                },
+            )
+        if rest == "Keys":
+            keys = [
+                {
+                    "LogicalName": table.key_name(k),
+                    "SchemaName": table.key_name(k),
+                    "KeyAttributes": list(k),
+                    "EntityKeyIndexStatus": "Active",
+                    "EntityLogicalName": table.logical_name,
+                }
+                for k in table.alternate_keys
+            ]
+            return _json(
+                200,
+                {
+                    "@odata.context": self.context(f"EntityDefinitions('{table.metadata_id}')/Keys"),
+                    "value": keys,
+                },
+            )
+        raise self.not_supported(f"EntityDefinitions/{rest}")
+
+    # --- entity sets ----------------------------------------------------------------------------
+    def entity_set(self, table: Table) -> Response:
+        if self.resource.rest:
+            raise self.not_supported(f"The path segment '{self.resource.rest}'")
+        if self.resource.key is None:
+            if self.method == "GET":
+                return self.collection(
+                    self.org.records(table.entity_set),
+                    self.query(None, ""),
+                    table.primary_id,
+                    table.entity_set,
+                )
+            if self.method == "POST":
+                return self.post(table)
+            raise self.method_not_allowed()
+        target = self.target(table, self.resource.key)
+        if self.method == "GET":
+            return self.get_one(table, target)
+        if self.method == "PATCH":
+            return self.patch(table, target)
+        if self.method == "DELETE":
+            return self.delete(table, target)
+        raise self.method_not_allowed()
+
+    def target(self, table: Table, text: str) -> str | dict[str, odata.Value]:
+        key = self.parse_key(text)
+        if isinstance(key, str):
+            return key
+        if set(key) == {table.primary_id}:
+            value = key[table.primary_id]
+            if isinstance(value, odata.Guid):
+                return value.value
+            raise DataverseError(400, CODE_ODATA, f"Invalid value for the primary key '{table.primary_id}'.")
+        if table.key_for(set(key)) is None:
+            raise DataverseError(
+                400,
+                CODE_ODATA,
+                f"The specified key attributes are not a defined key for the {table.logical_name} entity",
+            )
+        return key
+
+    def missing(self, table: Table, target: str | dict[str, odata.Value]) -> DataverseError:
+        if isinstance(target, str):
+            return DataverseError(
+                404, CODE_NOT_FOUND, f"{table.logical_name} With Id = {target} Does Not Exist"
+            )
+        return DataverseError(
+            404,
+            CODE_KEY_NOT_FOUND,
+            f"A record with the specified key values does not exist in {table.logical_name} entity",
+        )
+
+    def get_one(self, table: Table, target: str | dict[str, odata.Value]) -> Response:
+        q = self.query(None, "")
+        record = self.org.find(table, target)
+        if record is None:
+            raise self.missing(table, target)
+        record = dict(record)
+        if request.headers.get("If-None-Match") == _etag(record):
+            return Response(status=304, headers={"ETag": _etag(record)})
+        return self.single(record, q.select, table.primary_id, table.entity_set)
+
+    def body(self, table: Table) -> dict[str, Any]:
+        """The JSON object of a write, validated like Dataverse's payload reader."""
+
+        def bad(inner: str) -> DataverseError:
+            return DataverseError(
+                400, CODE_PAYLOAD, _PAYLOAD_HELP.format(entity_set=table.entity_set, inner=inner)
+            )
+
+        try:
+            data = json.loads(request.get_data(cache=True) or b"null")
+        except (ValueError, UnicodeDecodeError) as err:
+            raise bad(f"Invalid JSON. {err}") from err
+        if not isinstance(data, dict):
+            raise bad("A JSON object was expected for an entity.")
+        out: dict[str, Any] = {}
+        for name, value in data.items():
+            if name.endswith("@odata.bind"):
+                nav = name[: -len("@odata.bind")]
+                guid = _GUID_RE.search(value) if isinstance(value, str) else None
+                if not _IDENT_RE.fullmatch(nav) or guid is None:
+                    raise bad(f"The value of the annotation '{name}' is not a valid entity reference.")
+                out[f"_{nav.lower()}_value"] = guid.group(0).lower()
+                continue
+            if "@" in name:
+                continue  # other instance annotations are ignored, as Dataverse does
+            if (
+                not _IDENT_RE.fullmatch(name)
+                or name == "versionnumber"
+                or (name.startswith("_") and name.endswith("_value"))
+            ):
+                raise bad(
+                    f"The property '{name}' does not exist on type "
+                    f"'Microsoft.Dynamics.CRM.{table.logical_name}'. Make sure to only use property names "
+                    "that are defined by the type or mark the type as open type."
+                )
+            if name in ("createdon", "modifiedon"):
+                continue  # system-managed: Dataverse ignores them
+            if isinstance(value, dict | list):
+                raise bad(f"The property '{name}' has a value of an unexpected kind.")
+            out[name] = value
+        return out
+
+    def representation(self, table: Table, record: Mapping[str, Any], status: int) -> Response:
+        q = self.query(None, "")
+        self.applied.append("return=representation")
+        response = self.single(record, q.select, table.primary_id, table.entity_set, status=status)
+        response.headers["OData-EntityId"] = f"{self.api}/{table.entity_set}({record[table.primary_id]})"
+        return response
+
+    def written(self, table: Table, record: Mapping[str, Any], status_with_body: int) -> Response:
+        if self.prefer.get("return") == "representation":
+            return self.representation(table, record, status_with_body)
+        return Response(
+            status=204,
+            headers={
+                "OData-EntityId": f"{self.api}/{table.entity_set}({record[table.primary_id]})",
+                "ETag": _etag(record),
+            },
+        )
+
+    def post(self, table: Table) -> Response:
+        data = self.body(table)
+        given = data.pop(table.primary_id, None)
+        record_id = None
+        if given is not None:
+            record_id = _lower_guid(given)
+            if record_id is None:
+                raise DataverseError(
+                    400,
+                    CODE_PAYLOAD,
+                    _PAYLOAD_HELP.format(
+                        entity_set=table.entity_set,
+                        inner=f"Cannot convert the literal '{given}' to the expected type 'Edm.Guid'.",
+                    ),
+                )
+        record = self.org.create(table, data, self.caller, record_id)
+        return self.written(table, record, 201)
+
+    def check_if_match(
+        self, table: Table, target: str | dict[str, odata.Value], record: Mapping[str, Any] | None
+    ) -> None:
+        if_match = request.headers.get("If-Match")
+        if if_match is None:
+            return
+        if record is None:
+            raise self.missing(table, target)
+        if if_match.strip() != "*" and _etag(record) not in [t.strip() for t in if_match.split(",")]:
+            raise DataverseError(
+                412,
+                CODE_VERSION_MISMATCH,
+                "The version of the existing record doesn't match the RowVersion property provided.",
+            )
+
+    def patch(self, table: Table, target: str | dict[str, odata.Value]) -> Response:
+        data = self.body(table)
+        given = data.pop(table.primary_id, None)
+        with self.org.lock:
+            record = self.org.find(table, target)
+            self.check_if_match(table, target, record)
+            if record is not None:
+                if request.headers.get("If-None-Match", "").strip() == "*":
+                    raise DataverseError(
+                        412, CODE_DUPLICATE, "A record with matching key values already exists."
+                    )
+                if given is not None and _lower_guid(given) != record[table.primary_id]:
+                    raise DataverseError(
+                        400,
+                        CODE_PAYLOAD,
+                        _PAYLOAD_HELP.format(
+                            entity_set=table.entity_set,
+                            inner="The primary key in the payload does not match the URL.",
+                        ),
+                    )
+                updated = self.org.update(table, record, data, self.caller)
+                return self.written(table, updated, 200)
+            if isinstance(target, str):
+                record_id: str | None = target
+            else:
+                record_id = _lower_guid(given) if given is not None else None
+                data.update(
+                    {
+                        name: value.value if isinstance(value, odata.Guid) else value
+                        for name, value in target.items()
+                    }
+                )
+            created = self.org.create(table, data, self.caller, record_id)
+            return self.written(table, created, 201)
+
+    def delete(self, table: Table, target: str | dict[str, odata.Value]) -> Response:
+        with self.org.lock:
+            record = self.org.find(table, target)
+            if record is None:
+                raise self.missing(table, target)
+            self.check_if_match(table, target, record)
+            self.org.delete(table, record)
+        return Response(status=204)
+
+    def dispatch(self) -> Response:
+        name = self.resource.name
+        if name == "WhoAmI":
+            return self.whoami()
+        if name == "systemusers":
+            return self.systemusers()
+        if name == "EntityDefinitions":
+            return self.entity_definitions()
+        if name == "$batch":
+            raise self.not_supported("$batch")
+        table = self.org.tables.get(name)
+        if table is None:
+            raise DataverseError(404, CODE_SEGMENT, f"Resource not found for the segment '{name}'.")
+        return self.entity_set(table)
+
+
+# --- paging cookies ----------------------------------------------------------------------------
+
+
+def _make_skiptoken(page_number: int, primary: str, last: str, first: str) -> str:
+    """A token shaped like Dataverse's: an encoded <cookie> whose pagingcookie is encoded twice more."""
+    inner = f'<cookie page="{page_number - 1}"><{primary} last="{{{last}}}" first="{{{first}}}" /></cookie>'
+    cookie = (
+        f'<cookie pagenumber="{page_number}" pagingcookie="{quote(quote(inner, safe=""), safe="")}" '
+        'istracking="False" />'
+    )
+    return quote(cookie, safe="")
+
+
+def _read_skiptoken(token: str, primary: str) -> tuple[int, str]:
+    bad = DataverseError(400, CODE_ODATA, "The $skiptoken value is not valid.")
+    m = re.fullmatch(r'<cookie pagenumber="([0-9]+)" pagingcookie="([^"]*)" istracking="False" />', token)
+    if not m:
+        raise bad
+    inner = unquote(unquote(m.group(2)))
+    last = re.search(rf'<{re.escape(primary)} last="\{{([^}}]*)\}}"', inner)
+    if not last:
+        raise bad
+    return int(m.group(1)), last.group(1)
+
+
+# --- the WSGI side -----------------------------------------------------------------------------
+
+
+def _common_headers(response: Response, org: Org | None) -> Response:
+    request_id = str(uuid.uuid4())
+    response.headers["OData-Version"] = "4.0"
+    response.headers["REQ_ID"] = request_id
+    response.headers["x-ms-service-request-id"] = request_id
+    if org is not None:
+        requests_left, ms_left = org.remaining()
+        response.headers["x-ms-dop-hint"] = str(org.dop_hint)
+        response.headers["x-ms-ratelimit-burst-remaining-xrm-requests"] = str(requests_left)
+        response.headers["x-ms-ratelimit-time-remaining-xrm-requests"] = f"{ms_left:.2f}"
+    # Server affinity, as Azure's front end sets it; clients that want throughput drop it.
+    response.headers.add(
+        "Set-Cookie", f"ARRAffinity={uuid.uuid4().hex}{uuid.uuid4().hex}; Path=/; HttpOnly; Secure"
+    )
+    return response
+
+
+def _error_response(err: DataverseError) -> Response:
+    response = Response(_error_body(err.code, err.message), status=err.status, content_type=JSON_TYPE)
+    for key, value in err.headers.items():
+        response.headers[key] = value
+    return response
+
+
+def _unauthorized(tenant_id: str | None, resource: str) -> Response:
+    response = Response(b"", status=401)
+    response.headers["WWW-Authenticate"] = (
+        f"Bearer authorization_uri=https://login.microsoftonline.com/{tenant_id or 'common'}"
+        "/oauth2/authorize, "
+        f"resource_id={resource.rstrip('/')}/"
+    )
+    return response
+
+
+def _split_api_path(raw_path: str) -> tuple[str, str] | None:
+    m = re.fullmatch(r"/api/data/([^/]+)/?(.*)", raw_path)
+    if not m or not _VERSION_RE.fullmatch(m.group(1)):
+        return None
+    return m.group(1), m.group(2)
+
+
+def create_app(registry: Registry) -> Flask:
+    """The Dataverse Web API of every sandbox; the bearer token's ``tid`` picks the sandbox."""
+    app = web.create_app("dataverse")
+    methods = ["GET", "POST", "PATCH", "PUT", "DELETE"]
+
+    def audience() -> str:
+        return registry.urls.get(SERVICE) or request.host_url.rstrip("/")
+
+    @app.route("/", defaults={"_path": ""}, methods=methods)
+    @app.route("/<path:_path>", methods=methods)
+    def handle(_path: str) -> Response:
+        started = time.monotonic()
+        token = _bearer()
+        tenant = _unverified_tenant(token)
+        sandbox = registry.by_tenant(tenant) if tenant else None
+        split = _split_api_path(_raw_path())
+        resource_name = "?"
+        resource: odata.ResourcePath | None = None
+        path_error: DataverseError | None = None
+        if split is None:
+            path_error = DataverseError(
+                404, "", f"No HTTP resource was found that matches the request URI '{request.url}'."
+            )
+        else:
+            try:
+                resource = odata.split_resource(odata.decode_path(split[1]))
+                resource_name = resource.name
+            except odata.ODataSyntaxError as err:
+                resource_name = split[1].split("(", 1)[0].split("/", 1)[0] or "?"
+                status = 404 if err.message.startswith("Resource not found") else 400
+                path_error = DataverseError(status, CODE_SEGMENT if status == 404 else err.code, err.message)
+        if sandbox is None:
+            return _common_headers(_unauthorized(tenant if tenant else None, audience()), None)
+        web.bind(sandbox, SERVICE)
+        org: Org = sandbox.org
+        sandbox.counters.count(SERVICE, f"{request.method} {resource_name}")
+        if "ARRAffinity" in request.cookies:
+            sandbox.counters.count(SERVICE, "cookie:ARRAffinity")
+        with org.in_flight() as concurrent:
+            web.apply_latency(sandbox, SERVICE)
+            faulted = web.fault_response(sandbox.take_fault(SERVICE, request.method, request.path))
+            if faulted is not None:
+                return faulted
+            claims = registry.verify_token(token or "", audience())
+            if claims is None:
+                return _common_headers(_unauthorized(sandbox.tenant_id, audience()), org)
+            try:
+                entry = org.admit(concurrent)
+            except DataverseError as err:
+                return _common_headers(_error_response(err), org)
+            try:
+                if path_error is not None:
+                    raise path_error
+                assert resource is not None and split is not None
+                caller = org.resolve_caller(
+                    str(claims.get("appid", "")),
+                    request.headers.get("CallerObjectId"),
+                    request.headers.get("MSCRMCallerID"),
+                )
+                handler = _Request(org, request.host_url.rstrip("/"), split[0], resource, caller)
+                response = handler.dispatch()
+                if handler.applied:
+                    response.headers["Preference-Applied"] = ",".join(handler.applied)
+            except DataverseError as err:
+                response = _error_response(err)
+            finally:
+                org.finish(entry, started)
+            return _common_headers(response, org)
+
+    return app
