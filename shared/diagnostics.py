@@ -1,0 +1,312 @@
+"""Walk the whole chain a write depends on and say, for the first broken link, what to do about it.
+
+settings -> managed identity -> Key Vault secret -> Entra token -> WhoAmI -> impersonation, plus the
+webhook signing key on the side.  Every step is timed; a failed step carries ``fix`` text, and the
+steps after it are listed as skipped so the operator sees what was not checked.
+
+It builds a fresh runtime (nothing cached: a diagnostic run must really read the secret and really
+ask Entra) and never returns a secret or a token: only names, ids, token claims and codes.
+
+The impersonation check is a harmless impersonated READ (``GET WhoAmI`` with the caller header of an
+enabled user other than the application user, or of ``?email=``): Dataverse checks
+``prvActOnBehalfOfAnotherUser`` on any request carrying a caller header, reads included, and answers
+403 ``0x8004A110`` without it.  A caller id equal to the application user's own is not used, because
+impersonating yourself proves nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from shared.errors import ActorError, ConfigurationError, SyncError
+from shared.logs import redact
+
+if TYPE_CHECKING:
+    from shared.runtime import Runtime
+    from shared.settings import Settings
+    from shared.users import SystemUser
+
+log = logging.getLogger("shared.diagnostics")
+
+KEY_VAULT_SCOPE = "https://vault.azure.net/.default"
+
+STEPS = (
+    "settings",
+    "managed_identity",
+    "key_vault_secret",
+    "webhook_secret",
+    "entra_token",
+    "dataverse_whoami",
+    "impersonation",
+)
+
+
+def _fix(error: SyncError, settings: Settings | None) -> str:
+    """What an operator should do about ``error``; never contains a secret."""
+    code = error.code
+    client = settings.client_id if settings else "<DATAVERSE_CLIENT_ID>"
+    tenant = settings.tenant_id if settings else "<DATAVERSE_TENANT_ID>"
+    secret = settings.client_secret_name if settings else "<DATAVERSE_CLIENT_SECRET_NAME>"
+    vault = settings.key_vault_url if settings else "<KEY_VAULT_URL>"
+    url = settings.dataverse_url if settings else "<DATAVERSE_URL>"
+    if isinstance(error, ConfigurationError):
+        return (
+            f"Set {error.setting} in the Function App's application settings "
+            "(locally: local.settings.json, see local.settings.example.json)."
+        )
+    fixes = {
+        "managed_identity_not_configured": (
+            "Enable the Function App's managed identity (system-assigned, or a user-assigned one with "
+            "AZURE_CLIENT_ID set to its client id). Locally, run the devstack or `az login`."
+        ),
+        "managed_identity_unavailable": "The identity endpoint did not answer; retry later.",
+        "keyvault_forbidden": (
+            f"Grant the Function App's managed identity the 'Key Vault Secrets User' role on {vault} "
+            "(or 'get' on secrets with access policies), and allow the app through the vault's firewall."
+        ),
+        "keyvault_secret_not_found": (
+            f"Create the secret {secret} in {vault} with the app registration's client secret VALUE, "
+            "or set DATAVERSE_CLIENT_SECRET_NAME to the secret's name."
+        ),
+        "keyvault_unavailable": f"{vault} did not answer; check KEY_VAULT_URL, the network path, and retry.",
+        "entra_invalid_client": (
+            f"AADSTS7000215/7000222: the client secret in Key Vault secret {secret} is wrong or expired. "
+            f"Create a new client secret on app registration {client} and store its VALUE (not its id) "
+            "as a new version of that secret; the app picks it up without a restart."
+        ),
+        "entra_unauthorized_client": (
+            f"AADSTS700016: DATAVERSE_CLIENT_ID {client} is not an application in tenant {tenant}. "
+            "Check the client id and DATAVERSE_TENANT_ID on the app registration's overview page."
+        ),
+        "entra_invalid_tenant": (
+            f"AADSTS90002: DATAVERSE_TENANT_ID {tenant} is not a tenant. Use the Directory (tenant) id "
+            "from the app registration's overview page."
+        ),
+        "entra_unavailable": "Entra ID did not answer; check AZURE_AUTHORITY_HOST and the network, retry.",
+        "dataverse_unauthorized": (
+            f"Dataverse at {url} refused the token: create an application user for client id {client} in "
+            "that environment (Power Platform admin center > Environments > Settings > Users + "
+            "permissions > Application users), and check DATAVERSE_URL names that environment."
+        ),
+        "dataverse_forbidden": (
+            "The application user exists but cannot act: give it a security role and make sure it is "
+            "enabled."
+        ),
+        "impersonation_privilege_missing": (
+            "0x8004A110: the application user's security role lacks prvActOnBehalfOfAnotherUser. Add the "
+            "Delegate role to the application user, or enable 'Act on Behalf of Another User' "
+            "(Business Management tab) in its custom role."
+        ),
+        "dataverse_unreachable": f"Cannot reach {url}: check DATAVERSE_URL (https://<org>.crm.dynamics.com).",
+        "dataverse_unavailable": "Dataverse answered 5xx; retry later.",
+        "dataverse_throttled": "Dataverse is throttling this application user; retry later.",
+        "actor_not_found": "No Dataverse user has that email (internalemailaddress); check the address.",
+        "actor_ambiguous": "Several Dataverse users share that email; act as them by systemUserId instead.",
+        "actor_disabled": "That user is disabled in Dataverse; enable them or act as someone else.",
+        "impersonation_not_applied": (
+            "Dataverse ignored the caller header and ran the request as the application user: the "
+            "impersonated user is unknown to Dataverse or cannot be impersonated."
+        ),
+    }
+    return fixes.get(code, f"{code}: see the detail above.")
+
+
+def _claims(token: str) -> dict[str, Any]:
+    """The JWT payload's claims, for display only (never verified, never the token itself)."""
+    try:
+        payload = token.split(".")[1]
+        decoded = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):
+        return {}
+    return decoded if isinstance(decoded, dict) else {}
+
+
+def _identity_check(settings: Settings) -> str:
+    """Ask the managed identity for a Key Vault token, as the secret store will."""
+    from azure.identity import DefaultAzureCredential
+
+    from shared.secrets import classify_identity_failure
+
+    credential = DefaultAzureCredential(retry_total=1, connection_timeout=5, read_timeout=10)
+    try:
+        token = credential.get_token(KEY_VAULT_SCOPE)
+    except Exception as exc:
+        raise classify_identity_failure(exc) from exc
+    finally:
+        credential.close()
+    claims = _claims(token.token)
+    who = claims.get("oid") or claims.get("appid") or "unknown"
+    return f"token for Key Vault issued to identity {who} (tenant {claims.get('tid', 'unknown')})"
+
+
+def _default_runtime(settings: Settings) -> Runtime:
+    from shared.runtime import Runtime
+
+    return Runtime.from_settings(settings)
+
+
+def _other_user(runtime: Runtime, app_user_id: str) -> SystemUser | None:
+    """An enabled, interactive user other than the application user, from the first small page."""
+    from shared.users import SystemUser
+
+    params = {
+        "$select": "systemuserid,internalemailaddress,fullname,azureactivedirectoryobjectid,"
+        "isdisabled,accessmode",
+        "$filter": f"isdisabled eq false and accessmode eq 0 and systemuserid ne {app_user_id}",
+    }
+    pages = runtime.dataverse.iter_pages("systemusers", params, page_size=10, correlation_id="diagnostics")
+    for page in pages:
+        for row in page.get("value", []):
+            return SystemUser(
+                systemuserid=row["systemuserid"],
+                email=row.get("internalemailaddress"),
+                fullname=row.get("fullname"),
+                azure_ad_object_id=row.get("azureactivedirectoryobjectid"),
+                is_disabled=bool(row.get("isdisabled")),
+                access_mode=row.get("accessmode"),
+            )
+        break
+    return None
+
+
+class _Walk:
+    def __init__(self) -> None:
+        self.steps: list[dict[str, Any]] = []
+        self.failed: str | None = None
+        self.settings: Settings | None = None
+
+    def run(self, name: str, action: Callable[[], str], *, blocking: bool = True) -> bool:
+        if self.failed is not None:
+            self.steps.append({
+                "name": name, "ok": False, "skipped": True, "ms": 0,
+                "detail": f"not run: {self.failed} failed", "fix": None,
+            })
+            return False
+        started = time.perf_counter()
+        ok, fix, detail = True, None, ""
+        try:
+            detail = action()
+        except SyncError as exc:
+            ok, detail, fix = False, f"{exc.code}: {exc.message}", _fix(exc, self.settings)
+            detail = redact(detail)
+        except Exception as exc:  # a diagnostic must report, not crash
+            log.exception("diagnostics step %s failed unexpectedly", name)
+            ok, detail = False, f"unexpected {type(exc).__name__}"
+            fix = "See the function's log for the trace."
+        ms = round((time.perf_counter() - started) * 1000, 1)
+        self.steps.append(
+            {"name": name, "ok": ok, "skipped": False, "ms": ms, "detail": redact(detail), "fix": fix}
+        )
+        log.info("diagnostics step=%s ok=%s ms=%s", name, ok, ms)
+        if not ok and blocking:
+            self.failed = name
+        return ok
+
+
+def run_diagnostics(
+    settings_factory: Callable[[], Settings] | None = None,
+    *,
+    runtime_factory: Callable[[Settings], Runtime] = _default_runtime,
+    identity_check: Callable[[Settings], str] = _identity_check,
+    act_as: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """``{"ok", "steps": [{"name", "ok", "skipped", "ms", "detail", "fix"}]}``; never raises a SyncError.
+
+    ``act_as`` (``{"email": ...}`` or any ``actAs`` form) picks the user the impersonation step uses.
+    """
+    walk = _Walk()
+    state: dict[str, Any] = {}
+
+    def settings_step() -> str:
+        if settings_factory is None:
+            from shared.settings import Settings
+
+            walk.settings = Settings.from_env()
+        else:
+            walk.settings = settings_factory()
+        s = walk.settings
+        state["runtime"] = runtime_factory(s)
+        return (
+            f"DATAVERSE_URL={s.dataverse_url} DATAVERSE_TENANT_ID={s.tenant_id} "
+            f"DATAVERSE_CLIENT_ID={s.client_id} KEY_VAULT_URL={s.key_vault_url} "
+            f"secret={s.client_secret_name} api={s.api_version}"
+        )
+
+    def identity_step() -> str:
+        assert walk.settings is not None
+        return identity_check(walk.settings)
+
+    def secret_step() -> str:
+        assert walk.settings is not None
+        state["runtime"].secrets.get(walk.settings.client_secret_name)
+        return f"read secret {walk.settings.client_secret_name} from {walk.settings.key_vault_url}"
+
+    def webhook_secret_step() -> str:
+        assert walk.settings is not None
+        state["runtime"].secrets.get(walk.settings.webhook_secret_name)
+        return f"read secret {walk.settings.webhook_secret_name} (webhook signing key)"
+
+    def token_step() -> str:
+        claims = _claims(state["runtime"].tokens.get_token())
+        if not claims:
+            return "token received"
+        expires = claims.get("exp")
+        left = f", expires in {int(expires - time.time())} s" if isinstance(expires, int | float) else ""
+        return (f"token for {claims.get('aud')} issued to app {claims.get('appid') or claims.get('azp')} "
+                f"in tenant {claims.get('tid')}{left}")
+
+    def whoami_step() -> str:
+        answer = state["runtime"].dataverse.whoami()
+        state["app_user_id"] = str(answer.get("UserId", "")).lower()
+        return (f"application user {answer.get('UserId')} in business unit {answer.get('BusinessUnitId')}, "
+                f"organization {answer.get('OrganizationId')}")
+
+    def impersonation_step() -> str:
+        runtime = state["runtime"]
+        app_user_id = state["app_user_id"]
+        if act_as:
+            user = runtime.users.resolve(act_as, correlation_id="diagnostics")
+            if user.is_disabled:
+                raise ActorError(f"user {user.systemuserid} is disabled", code="actor_disabled")
+        else:
+            user = _other_user(runtime, app_user_id)
+            if user is None:
+                return ("not checked: no enabled user other than the application user was found; "
+                        "call /api/diagnostics?email=<address> to check with a given user")
+        if user.systemuserid.lower() == app_user_id:
+            return "not checked: the chosen user is the application user itself"
+        header = (
+            {"CallerObjectId": user.azure_ad_object_id}
+            if user.azure_ad_object_id
+            else {"MSCRMCallerID": user.systemuserid}
+        )
+        response = runtime.dataverse.request("GET", "WhoAmI", headers=header, correlation_id="diagnostics")
+        answered = str(response.json().get("UserId", "")).lower()
+        how = next(iter(header))
+        if answered == user.systemuserid.lower():
+            return f"impersonated read as {user.systemuserid} via {how} succeeded"
+        if answered == app_user_id:
+            raise SyncError(
+                f"the impersonated read via {how} ran as the application user, not {user.systemuserid}",
+                code="impersonation_not_applied",
+            )
+        return f"impersonated read via {how} succeeded (Dataverse answered as {answered or 'unknown'})"
+
+    walk.run("settings", settings_step)
+    walk.run("managed_identity", identity_step)
+    walk.run("key_vault_secret", secret_step)
+    walk.run("webhook_secret", webhook_secret_step, blocking=False)
+    walk.run("entra_token", token_step)
+    walk.run("dataverse_whoami", whoami_step)
+    walk.run("impersonation", impersonation_step)
+    runtime = state.get("runtime")
+    close = getattr(getattr(runtime, "secrets", None), "close", None)
+    if callable(close):
+        close()
+    return {"ok": all(step["ok"] for step in walk.steps), "steps": walk.steps}
+

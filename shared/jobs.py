@@ -1,0 +1,493 @@
+"""Sync jobs: the queue message contract, and what one delivery of a message does.
+
+The schema is strict on purpose: an unknown field is an error, because a typo such as ``actas``
+silently ignored would write a record as the application user instead of the person named.
+
+Delivery is at-least-once, so every write must be safe to replay:
+
+* update / upsert are PATCHes, delete answers 404 when already gone (the core reports a no-op);
+* create WITH a key is ``PATCH`` + ``If-None-Match: *`` and answers 412 when the record exists (a no-op);
+* create WITHOUT a key would be a ``POST`` and create a second record on a replay.  So a keyless create
+  is given a deterministic primary id, ``uuid5(JOB_NAMESPACE, f"{entity}:{job.id}")``, and written as a
+  create-with-key.  This is a deliberate choice: the job ``id`` becomes the idempotency key of keyless
+  creates, so two different jobs must not share an id.  The core's keyless ``POST`` stays available to
+  other callers.
+
+Outcomes (``process_message``): success; a permanent failure that is the job's own fault (invalid job,
+actor not found / disabled / ambiguous, impersonation not applied, a permanent Dataverse answer) becomes
+a dead-letter record; anything else raises so the host retries and finally moves the message to
+``-poison``: transient errors, unexpected exceptions (a bug must not be filed as a bad job), and
+environment faults that are not the job's fault (missing settings, Entra/Key Vault misconfiguration,
+Dataverse refusing the application user itself) — those jobs are fine and are replayed once fixed.
+
+Logs carry ``job=<id>`` on every line and never a data value: field names, entity, operation and ids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from shared.errors import (
+    ActorError,
+    AuthError,
+    ConfigurationError,
+    DataverseError,
+    ImpersonationNotApplied,
+    InvalidJob,
+    SyncError,
+)
+
+if TYPE_CHECKING:
+    from shared.dataverse import WriteResult
+    from shared.runtime import Runtime
+    from shared.users import SystemUser
+
+log = logging.getLogger("shared.jobs")
+
+MAX_JOB_BYTES = 48 * 1024
+"""A queue message is at most 64 KiB after base64, i.e. 48 KiB of JSON text (UTF-8 bytes)."""
+
+OPERATIONS = ("create", "update", "upsert", "delete")
+FIELDS = ("id", "entity", "operation", "key", "data", "actAs")
+ACT_AS_FIELDS = ("email", "systemUserId", "azureAdObjectId")
+
+JOB_NAMESPACE = uuid.UUID("5b0c7c8e-2f4a-5d8e-9a57-3c1d0e6f9b21")
+"""Fixed forever: changing it would make replays of old keyless creates create duplicates."""
+
+_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
+# Alternate keys may include lookup columns, which Dataverse names _<column>_value.
+_KEY_PROPERTY = re.compile(r"_?[a-z][a-z0-9_]*")
+_GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_EMAIL = re.compile(r"[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+")
+_MAX_EMAIL = 254
+
+
+def is_email_address(value: object) -> bool:
+    """A deliberately loose check: one ``@``, something on each side, no spaces; quotes are fine (o'brien)."""
+    return (
+        isinstance(value, str)
+        and len(value) <= _MAX_EMAIL
+        and _EMAIL.fullmatch(value) is not None
+        and not value.endswith(".")
+    )
+
+
+def is_guid(value: object) -> bool:
+    return isinstance(value, str) and _GUID.fullmatch(value) is not None
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    entity: str
+    operation: str
+    key: str | dict[str, Any] | None
+    data: dict[str, Any] | None
+    act_as: dict[str, str] | None
+    raw: dict[str, Any]
+
+    def write_key(self) -> str | dict[str, Any]:
+        """The key the write uses: the job's own, or the deterministic id of a keyless create."""
+        if self.key is not None:
+            return self.key
+        return str(deterministic_id(self.entity, self.id))
+
+
+def deterministic_id(entity: str, job_id: str) -> uuid.UUID:
+    """The primary id a keyless create gets, the same on every delivery of the same job."""
+    return uuid.uuid5(JOB_NAMESPACE, f"{entity}:{job_id}")
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+class _Errors:
+    """Collects every problem of a job at once, so a sender fixes them in one round trip."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.items: list[dict[str, Any]] = []
+
+    def field(self, *parts: str) -> str:
+        path = ".".join(p for p in parts if p)
+        if not self.where:
+            return path or "job"
+        return f"{self.where}.{path}" if path else self.where
+
+    def add(self, message: str, *parts: str) -> None:
+        self.items.append({"field": self.field(*parts), "message": message})
+
+
+def parse_job(obj: object, *, where: str = "") -> Job:
+    """Validate one job (already decoded JSON).  ``where`` prefixes field names, e.g. ``jobs[3]``."""
+    errors = _Errors(where)
+    if not isinstance(obj, dict):
+        errors.add(f"must be a JSON object, got {_json_type(obj)}")
+        raise _invalid(errors)
+
+    for name in obj:
+        if name not in FIELDS:
+            errors.add(f"unknown field (allowed: {', '.join(FIELDS)})", name)
+
+    job_id = obj.get("id")
+    if "id" not in obj:
+        errors.add("is required", "id")
+    elif not isinstance(job_id, str) or _ID.fullmatch(job_id) is None:
+        errors.add("must be 1-128 characters of A-Z a-z 0-9 . _ : -", "id")
+
+    entity = obj.get("entity")
+    if "entity" not in obj:
+        errors.add("is required", "entity")
+    elif not isinstance(entity, str) or _NAME.fullmatch(entity) is None:
+        errors.add("must be an entity set name matching ^[a-z][a-z0-9_]*$ (e.g. contacts)", "entity")
+
+    operation = obj.get("operation")
+    if "operation" not in obj:
+        errors.add("is required", "operation")
+    elif operation not in OPERATIONS:
+        errors.add(f"must be one of {', '.join(OPERATIONS)}", "operation")
+
+    key = _check_key(obj, operation, errors)
+    data = _check_data(obj, operation, errors)
+    act_as = _check_act_as(obj, errors)
+
+    if errors.items:
+        raise _invalid(errors)
+    assert isinstance(job_id, str) and isinstance(entity, str) and isinstance(operation, str)
+    return Job(id=job_id, entity=entity, operation=operation, key=key, data=data, act_as=act_as, raw=obj)
+
+
+def _check_key(obj: Mapping[str, Any], operation: object, errors: _Errors) -> str | dict[str, Any] | None:
+    if "key" not in obj:
+        if operation in ("update", "upsert", "delete"):
+            errors.add(f"is required for {operation}", "key")
+        return None
+    key = obj["key"]
+    if isinstance(key, str):
+        if not is_guid(key):
+            errors.add("a string key must be the record's primary id (a GUID)", "key")
+            return None
+        return key.lower()
+    if isinstance(key, dict):
+        if not key:
+            errors.add("an alternate key must name at least one column", "key")
+            return None
+        for name, value in key.items():
+            if _KEY_PROPERTY.fullmatch(name) is None:
+                errors.add("must be a column name matching ^_?[a-z][a-z0-9_]*$", "key", name)
+            elif isinstance(value, float) and not math.isfinite(value):
+                errors.add("must be a finite number", "key", name)
+            elif not isinstance(value, str | int | float | bool):
+                errors.add(f"must be a string, number or boolean, got {_json_type(value)}", "key", name)
+        return key
+    errors.add(
+        f"must be a GUID string or an alternate-key object, got {_json_type(key)}"
+        + (" (omit it instead of null)" if key is None else ""),
+        "key",
+    )
+    return None
+
+
+def _check_data(obj: Mapping[str, Any], operation: object, errors: _Errors) -> dict[str, Any] | None:
+    if operation == "delete":
+        if "data" in obj:
+            errors.add("must be absent for delete", "data")
+        return None
+    if "data" not in obj:
+        if operation in OPERATIONS:
+            errors.add(f"is required for {operation}", "data")
+        return None
+    data = obj["data"]
+    if not isinstance(data, dict):
+        errors.add(f"must be an object of column values, got {_json_type(data)}", "data")
+        return None
+    if not data:
+        errors.add("must not be empty", "data")
+        return None
+    return data
+
+
+def _check_act_as(obj: Mapping[str, Any], errors: _Errors) -> dict[str, str] | None:
+    if "actAs" not in obj:
+        return None
+    act_as = obj["actAs"]
+    if not isinstance(act_as, dict):
+        hint = " (omit it to act as the application user)" if act_as is None else ""
+        errors.add(f"must be an object, got {_json_type(act_as)}{hint}", "actAs")
+        return None
+    unknown = [name for name in act_as if name not in ACT_AS_FIELDS]
+    for name in unknown:
+        errors.add(f"unknown field (allowed: {', '.join(ACT_AS_FIELDS)})", "actAs", name)
+    present = [name for name in ACT_AS_FIELDS if name in act_as]
+    if len(present) != 1:
+        if not unknown:
+            errors.add(f"must have exactly one of {', '.join(ACT_AS_FIELDS)}", "actAs")
+        return None
+    (name,) = present
+    value = act_as[name]
+    if name == "email":
+        if not is_email_address(value):
+            errors.add("must be an email address", "actAs", name)
+            return None
+    elif not is_guid(value):
+        errors.add("must be a GUID", "actAs", name)
+        return None
+    if unknown:
+        return None
+    assert isinstance(value, str)
+    return {name: value if name == "email" else value.lower()}
+
+
+def _invalid(errors: _Errors) -> InvalidJob:
+    first = errors.items[0]
+    more = len(errors.items) - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    message = f"{first['field']}: {first['message']}{suffix}"
+    return InvalidJob(message, code="invalid_job", details=errors.items)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in result:
+            raise ValueError(f"duplicate field {name!r}")
+        result[name] = value
+    return result
+
+
+def loads(text: str) -> Any:
+    """Strict JSON: no NaN/Infinity, no numbers that overflow to infinity, no duplicate fields.
+
+    A duplicate field would make the signed bytes and the parsed job disagree about, say, ``actAs``.
+    """
+    return json.loads(
+        text, parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys
+    )
+
+
+def dumps(job: object) -> str:
+    """The canonical text of a job on the queue (compact, UTF-8, field order kept)."""
+    return json.dumps(job, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def text_size(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
+def _decode(body: str | bytes) -> str:
+    if isinstance(body, str):
+        return body
+    try:
+        return body.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InvalidJob(
+            f"message is not UTF-8 text (byte {exc.start})",
+            code="invalid_json",
+            details=[{"field": "job", "message": "not UTF-8"}],
+        ) from None
+
+
+def parse_message(body: str | bytes) -> Job:
+    """Decode and validate one queue message: ``invalid_json``, ``job_too_large`` or ``invalid_job``."""
+    size = len(body) if isinstance(body, bytes) else text_size(body)
+    if size > MAX_JOB_BYTES:
+        raise InvalidJob(
+            f"message is {size} bytes, more than {MAX_JOB_BYTES}",
+            code="job_too_large",
+            details=[{"field": "job", "message": f"{size} bytes > {MAX_JOB_BYTES}"}],
+        )
+    text = _decode(body)
+    try:
+        obj = loads(text)
+    except ValueError as exc:
+        raise InvalidJob(
+            f"message is not valid JSON: {exc}",
+            code="invalid_json",
+            details=[{"field": "job", "message": str(exc)}],
+        ) from None
+    return parse_job(obj)
+
+
+def _describe_key(key: str | Mapping[str, Any] | None) -> str:
+    if key is None:
+        return "none"
+    if isinstance(key, str):
+        return key
+    return "alt(" + ",".join(sorted(key)) + ")"
+
+
+def resolve_actor(job: Job, runtime: Runtime) -> SystemUser | None:
+    """The user the job acts as (None: the application user); a disabled user is refused here."""
+    if job.act_as is None:
+        return None
+    actor = runtime.users.resolve(job.act_as, correlation_id=job.id)
+    if actor.is_disabled:
+        raise ActorError(
+            f"user {actor.systemuserid} is disabled in Dataverse; refusing to write on their behalf",
+            code="actor_disabled",
+            details=[{"field": "actAs", "systemUserId": actor.systemuserid}],
+        )
+    return actor
+
+
+def run_job(job: Job, runtime: Runtime) -> WriteResult:
+    """Resolve the actor, refuse a disabled one before any write, then write once on their behalf."""
+    actor = resolve_actor(job, runtime)
+    caller = actor.caller() if actor is not None else None
+    dataverse = runtime.dataverse
+    cid = job.id
+    if job.operation == "create":
+        assert job.data is not None
+        key = job.write_key()
+        result = dataverse.create(job.entity, job.data, key=key, caller=caller, correlation_id=cid)
+    elif job.operation == "update":
+        assert job.data is not None and job.key is not None
+        result = dataverse.update(job.entity, job.key, job.data, caller=caller, correlation_id=cid)
+    elif job.operation == "upsert":
+        assert job.data is not None and job.key is not None
+        result = dataverse.upsert(job.entity, job.key, job.data, caller=caller, correlation_id=cid)
+    else:
+        assert job.key is not None
+        result = dataverse.delete(job.entity, job.key, caller=caller, correlation_id=cid)
+    # The core checks _modifiedby_value itself; this second look costs nothing and guards the contract.
+    if actor is not None and result.modified_by and result.modified_by.lower() != actor.systemuserid.lower():
+        raise ImpersonationNotApplied(
+            f"Dataverse recorded the write as {result.modified_by}, not as the actor {actor.systemuserid}",
+            details=[{"field": "actAs", "systemUserId": actor.systemuserid,
+                      "modifiedBy": result.modified_by}],
+        )
+    log.info(
+        "job=%s outcome=written operation=%s entity=%s key=%s record=%s status=%s noop=%s actor=%s",
+        job.id, job.operation, job.entity, _describe_key(job.key), result.record_id, result.status,
+        result.noop, actor.systemuserid if actor is not None else "application",
+    )
+    return result
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    job_id: str | None
+    result: WriteResult | None
+    dead_letter: dict[str, Any] | None
+
+
+def is_job_fault(error: SyncError) -> bool:
+    """Permanent AND caused by this job, so replaying it unchanged can never succeed: dead-letter it.
+
+    Environment faults (settings, Entra, Key Vault, Dataverse refusing the application user) are
+    permanent too, but every job would fail the same way; they raise and end in ``-poison``.
+    """
+    if error.transient:
+        return False
+    if isinstance(error, ConfigurationError | AuthError):
+        return False
+    if isinstance(error, DataverseError):
+        return error.code != "dataverse_unauthorized"
+    return isinstance(error, InvalidJob | ActorError | ImpersonationNotApplied)
+
+
+def dead_letter_record(job: object, error: SyncError, *, now: datetime | None = None) -> dict[str, Any]:
+    failed_at = (now or datetime.now(UTC)).astimezone(UTC)
+    return {
+        "job": job,
+        "reason": error.code,
+        "detail": error.message,
+        "failedAt": failed_at.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+    }
+
+
+def _original(body: str | bytes) -> object:
+    """The job as it arrived: the JSON value if it parses, else the raw text."""
+    text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
+    try:
+        return loads(text.removeprefix("\ufeff"))
+    except ValueError:
+        return text
+
+
+def _default_runtime() -> Runtime:
+    from shared.runtime import get_runtime
+
+    return get_runtime()
+
+
+def process_message(body: str | bytes, runtime: Callable[[], Runtime] = _default_runtime) -> JobOutcome:
+    """One delivery of one message.  Returns success or a dead-letter record; raises to have it retried.
+
+    A dead-letter record that would not fit on a queue (a near-limit job full of characters JSON must
+    escape) is not truncated: the function raises, and the host keeps the original in ``-poison``.
+    """
+    try:
+        job = parse_message(body)
+    except InvalidJob as exc:
+        original = _original(body)
+        job_id = original.get("id") if isinstance(original, dict) else None
+        shown = job_id if isinstance(job_id, str) and _ID.fullmatch(job_id) else None
+        log.warning("job=%s outcome=dead-letter reason=%s detail=%s", shown, exc.code, exc.message)
+        return JobOutcome(shown, None, _fit(dead_letter_record(original, exc), shown))
+
+    log.info(
+        "job=%s received operation=%s entity=%s key=%s actAs=%s fields=%s",
+        job.id, job.operation, job.entity, _describe_key(job.key),
+        ",".join(job.act_as) if job.act_as else "application", ",".join(job.data or ()),
+    )
+    try:
+        result = run_job(job, runtime())
+    except SyncError as exc:
+        if exc.transient:
+            log.warning("job=%s outcome=retry reason=%s detail=%s", job.id, exc.code, exc.message)
+            raise
+        if not is_job_fault(exc):
+            log.error("job=%s outcome=retry reason=%s (environment, not the job) detail=%s",
+                      job.id, exc.code, exc.message)
+            raise
+        log.warning("job=%s outcome=dead-letter reason=%s detail=%s", job.id, exc.code, exc.message)
+        return JobOutcome(job.id, None, _fit(dead_letter_record(job.raw, exc), job.id))
+    except Exception:
+        log.exception("job=%s outcome=retry reason=unexpected_error", job.id)
+        raise
+    return JobOutcome(job.id, result, None)
+
+
+def _fit(record: dict[str, Any], job_id: str | None) -> dict[str, Any]:
+    size = text_size(dumps(record))
+    if size > MAX_JOB_BYTES:
+        log.error(
+            "job=%s dead-letter record is %d bytes, too large for a queue message; "
+            "raising so the host keeps the original message in -poison", job_id, size,
+        )
+        raise SyncError(
+            f"dead-letter record of {size} bytes exceeds {MAX_JOB_BYTES}", code="dead_letter_too_large"
+        )
+    return record

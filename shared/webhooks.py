@@ -1,0 +1,249 @@
+"""Signed webhooks: check who sent a batch, validate every job, and hand back the queue messages.
+
+The checks run in an order chosen for what an unauthenticated caller can learn and cost us:
+
+1. the ``{source}`` name, the body size (413) and the content type (415) — free, and a 1 MiB limit
+   before any HMAC means nobody makes us hash a huge body;
+2. the signature (401) — before the body is parsed, so the job schema is never explained to a caller
+   that cannot sign.  The timestamp window is checked first (no Key Vault read for a stale replay);
+   a Key Vault failure is 503 with its code, a missing setting 500 naming it;
+3. JSON (400 ``invalid_json``), shape, every job (400 ``invalid_job`` naming ``jobs[i].field``), and
+   each job's size as the exact text that will be enqueued (413 ``job_too_large``).
+
+All or nothing: ``messages`` is empty unless the status is 202.  Duplicate job ids inside one batch
+are refused, because the id is the idempotency key of keyless creates (see ``shared.jobs``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.errors import ConfigurationError, InvalidJob, SyncError
+from shared.jobs import MAX_JOB_BYTES, dumps, loads, parse_job, text_size
+
+log = logging.getLogger("shared.webhooks")
+
+MAX_BODY_BYTES = 1024 * 1024
+MAX_JOBS = 100
+TOLERANCE_SECONDS = 300
+SIGNATURE_HEADER = "X-Signature"
+_MAX_SIGNATURES = 8
+_SOURCE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
+_HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
+
+
+@dataclass(frozen=True)
+class WebhookResult:
+    status: int
+    body: dict[str, Any]
+    messages: list[str] = field(default_factory=list)
+
+
+def error_body(code: str, message: str, details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "details": details or []}}
+
+
+def _fail(status: int, code: str, message: str, details: list[dict[str, Any]] | None = None) -> WebhookResult:
+    return WebhookResult(status, error_body(code, message, details))
+
+
+def compute_signature(key: bytes, body: bytes, timestamp: int) -> str:
+    return hmac.new(key, str(timestamp).encode("ascii") + b"." + body, hashlib.sha256).hexdigest()
+
+
+def signature_header(key: bytes, body: bytes, timestamp: int) -> str:
+    """The ``X-Signature`` value a sender puts on ``body``: ``t=<unix seconds>,v1=<hex HMAC-SHA256>``."""
+    return f"t={timestamp},v1={compute_signature(key, body, timestamp)}"
+
+
+def header(headers: Mapping[str, str], name: str) -> str | None:
+    """Case-insensitive lookup that also works on a plain dict."""
+    value = headers.get(name)
+    if value is not None:
+        return value
+    wanted = name.lower()
+    for key, candidate in headers.items():
+        if key.lower() == wanted:
+            return candidate
+    return None
+
+
+def _is_json(content_type: str | None) -> bool:
+    if not content_type:
+        return False
+    media, *params = (part.strip() for part in content_type.split(";"))
+    if media.lower() != "application/json":
+        return False
+    for param in params:
+        if not param:
+            continue
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            return False
+    return True
+
+
+def parse_signature(value: str) -> tuple[int, list[str]] | None:
+    """``t=<digits>`` once and one or more ``v1=<64 hex>``; unknown schemes are ignored.  None: malformed."""
+    timestamp: int | None = None
+    signatures: list[str] = []
+    for part in value.split(","):
+        name, sep, item = part.strip().partition("=")
+        if not sep:
+            return None
+        if name == "t":
+            if timestamp is not None or _TIMESTAMP.fullmatch(item) is None:
+                return None
+            timestamp = int(item)
+        elif name == "v1":
+            if _HEX_DIGEST.fullmatch(item) is None:
+                return None
+            signatures.append(item.lower())
+    if timestamp is None or not signatures or len(signatures) > _MAX_SIGNATURES:
+        return None
+    return timestamp, signatures
+
+
+def check_signature(
+    headers: Mapping[str, str], body: bytes, signing_key: Callable[[], str], now: float
+) -> WebhookResult | None:
+    """None when the body is signed with the current key within the time window, else the failure."""
+    value = header(headers, SIGNATURE_HEADER)
+    if not value:
+        return _fail(401, "signature_missing", f"the {SIGNATURE_HEADER} header is required")
+    parsed = parse_signature(value)
+    if parsed is None:
+        return _fail(
+            401, "signature_malformed", f"{SIGNATURE_HEADER} must look like t=<unix seconds>,v1=<hex sha256>"
+        )
+    timestamp, signatures = parsed
+    if abs(now - timestamp) > TOLERANCE_SECONDS:
+        return _fail(
+            401,
+            "signature_expired",
+            f"the signature timestamp is more than {TOLERANCE_SECONDS} s from the server's clock",
+            [{"serverTime": int(now)}],
+        )
+    try:
+        key = signing_key()
+    except ConfigurationError as exc:
+        log.error("webhook signing key: %s", exc)
+        return WebhookResult(500, {"error": exc.to_dict()})
+    except SyncError as exc:
+        log.error("webhook signing key unavailable: %s", exc)
+        return _fail(
+            503,
+            "signing_key_unavailable",
+            f"the webhook signing key could not be read ({exc.code}): {exc.message}",
+            [{"cause": exc.code, "transient": exc.transient}],
+        )
+    if not key:
+        log.error("webhook signing key is empty")
+        return _fail(503, "signing_key_unavailable", "the webhook signing key is empty")
+    expected = compute_signature(key.encode("utf-8"), body, timestamp).encode("ascii")
+    matched = False
+    for candidate in signatures:
+        matched |= hmac.compare_digest(expected, candidate.encode("ascii"))
+    if not matched:
+        return _fail(401, "signature_invalid", "the signature does not match the body")
+    return None
+
+
+def _jobs_of(payload: object) -> tuple[list[object], bool] | WebhookResult:
+    """(jobs, batched) from ``{"jobs": [...]}`` or a single job object."""
+    if isinstance(payload, dict) and "jobs" in payload:
+        extra = sorted(name for name in payload if name != "jobs")
+        if extra:
+            return _fail(400, "invalid_job", "a batch has only the field jobs",
+                         [{"field": name, "message": "unknown field"} for name in extra])
+        jobs = payload["jobs"]
+        if not isinstance(jobs, list) or not 1 <= len(jobs) <= MAX_JOBS:
+            return _fail(400, "invalid_job", f"jobs must be an array of 1 to {MAX_JOBS} jobs",
+                         [{"field": "jobs", "message": f"must be an array of 1 to {MAX_JOBS} jobs"}])
+        return list(jobs), True
+    return [payload], False
+
+
+def _validate(jobs: list[object], batched: bool) -> tuple[list[str], list[str]] | WebhookResult:
+    details: list[dict[str, Any]] = []
+    ids: list[str] = []
+    first_index: dict[str, int] = {}
+    for index, obj in enumerate(jobs):
+        where = f"jobs[{index}]" if batched else ""
+        try:
+            job = parse_job(obj, where=where)
+        except InvalidJob as exc:
+            details.extend(exc.details)
+            continue
+        if job.id in first_index:
+            details.append({"field": f"{where}.id",
+                            "message": f"duplicates jobs[{first_index[job.id]}].id; ids must be unique"})
+        first_index.setdefault(job.id, index)
+        ids.append(job.id)
+    if details:
+        count = len(details)
+        message = f"{details[0]['field']}: {details[0]['message']}"
+        if count > 1:
+            message += f" (and {count - 1} more problem{'s' if count > 2 else ''})"
+        return _fail(400, "invalid_job", message, details)
+
+    messages = [dumps(obj) for obj in jobs]
+    too_large = [
+        {"field": f"jobs[{i}]" if batched else "job", "message": f"{text_size(m)} bytes > {MAX_JOB_BYTES}"}
+        for i, m in enumerate(messages)
+        if text_size(m) > MAX_JOB_BYTES
+    ]
+    if too_large:
+        return _fail(413, "job_too_large", f"a job may be at most {MAX_JOB_BYTES} bytes of JSON", too_large)
+    return ids, messages
+
+
+def handle_webhook(
+    source: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    signing_key: Callable[[], str],
+    *,
+    now: float | None = None,
+) -> WebhookResult:
+    """``POST /api/webhooks/{source}``: 202 with one queue message per job, or an error and nothing."""
+    if _SOURCE.fullmatch(source or "") is None:
+        return _fail(400, "invalid_source", "{source} in the URL must be 1-64 of A-Z a-z 0-9 . _ -")
+    if len(body) > MAX_BODY_BYTES:
+        return _fail(413, "payload_too_large", f"the body may be at most {MAX_BODY_BYTES} bytes")
+    if not _is_json(header(headers, "Content-Type")):
+        return _fail(415, "unsupported_media_type", "Content-Type must be application/json (UTF-8)")
+
+    failure = check_signature(headers, body, signing_key, time.time() if now is None else now)
+    if failure is not None:
+        log.warning("source=%s webhook refused status=%d code=%s", source, failure.status,
+                    failure.body["error"]["code"])
+        return failure
+
+    try:
+        payload = loads(body.decode("utf-8-sig"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        log.warning("source=%s webhook refused status=400 code=invalid_json", source)
+        return _fail(400, "invalid_json", f"the body is not valid JSON: {exc}")
+
+    shaped = _jobs_of(payload)
+    if isinstance(shaped, WebhookResult):
+        return shaped
+    jobs, batched = shaped
+    checked = _validate(jobs, batched)
+    if isinstance(checked, WebhookResult):
+        log.warning("source=%s webhook refused status=%d code=%s", source, checked.status,
+                    checked.body["error"]["code"])
+        return checked
+    ids, messages = checked
+    for job_id in ids:
+        log.info("source=%s job=%s accepted", source, job_id)
+    return WebhookResult(202, {"accepted": len(ids), "ids": ids}, messages)
