@@ -1,0 +1,230 @@
+// The Function App on a Flex Consumption plan (Linux, Python 3.11), run as the user-assigned identity.
+// Every app setting the code reads is set here (siteConfig.appSettings) from parameters; none holds a secret: the client secret
+// and the webhook key stay in Key Vault and are read at run time with the managed identity.
+
+param planName string
+param appName string
+param location string
+param tags object
+
+@description('Resource id of the user-assigned managed identity the app runs as.')
+param identityId string
+
+@description('Client id of that identity: AZURE_CLIENT_ID for azure-identity, the host storage connection and App Insights.')
+param identityClientId string
+
+param blobEndpoint string
+param queueEndpoint string
+param tableEndpoint string
+param deploymentContainerName string
+
+param applicationInsightsConnectionString string
+param workspaceId string
+
+@description('Subnet for outbound virtual network integration; empty for none.')
+param appSubnetId string = ''
+
+@allowed([
+  512
+  2048
+  4096
+])
+param instanceMemoryMB int = 2048
+
+@minValue(40)
+@maxValue(1000)
+param maximumInstanceCount int = 100
+
+param dataverseUrl string
+param dataverseTenantId string
+param dataverseClientId string
+param keyVaultUrl string
+param dataverseClientSecretName string
+param webhookSecretName string
+param dataverseApiVersion string
+param syncQueueName string
+param reconcileSchedule string
+param dataverseTimeoutSeconds string
+param dataverseMaxRetries string
+param dataverseMaxRetrySeconds string
+param userCacheTtlSeconds string
+param userCacheNegativeTtlSeconds string
+
+resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
+  name: planName
+  location: location
+  tags: tags
+  kind: 'functionapp'
+  //checkov:skip=CKV_AZURE_225: zone redundancy on Flex Consumption needs always-ready instances (a standing cost) and is not offered in every region; enable it per deployment where required
+  sku: {
+    name: 'FC1'
+    tier: 'FlexConsumption'
+  }
+  properties: {
+    reserved: true
+  }
+}
+
+resource app 'Microsoft.Web/sites@2024-04-01' = {
+  name: appName
+  location: location
+  tags: union(tags, { 'azd-service-name': 'api' })
+  //checkov:skip=CKV_AZURE_17: callers (servers sending webhooks) authenticate with function keys and an HMAC signature, not client certificates
+  //checkov:skip=CKV_AZURE_222: the webhook endpoint must be reachable by the systems that call it; keys and signatures protect it
+  kind: 'functionapp,linux'
+  //checkov:skip=CKV_AZURE_212: Flex Consumption scales per function from zero; it has no minimum instance count for failover
+  //checkov:skip=CKV_AZURE_213: health check evicts instances of a fixed pool; a Flex app scales from zero, so GET /api/health serves external probes
+  identity: {
+    type: 'UserAssigned'
+    userAssignedIdentities: {
+      '${identityId}': {}
+    }
+  }
+  properties: {
+    serverFarmId: plan.id
+    httpsOnly: true
+    publicNetworkAccess: 'Enabled'
+    virtualNetworkSubnetId: empty(appSubnetId) ? null : appSubnetId
+    siteConfig: {
+      minTlsVersion: '1.2'
+      scmMinTlsVersion: '1.2'
+      ftpsState: 'Disabled'
+      remoteDebuggingEnabled: false
+      http20Enabled: true
+      appSettings: [
+        {
+          name: 'DATAVERSE_URL'
+          value: dataverseUrl
+        }
+        {
+          name: 'DATAVERSE_TENANT_ID'
+          value: dataverseTenantId
+        }
+        {
+          name: 'DATAVERSE_CLIENT_ID'
+          value: dataverseClientId
+        }
+        {
+          name: 'KEY_VAULT_URL'
+          value: keyVaultUrl
+        }
+        {
+          name: 'DATAVERSE_CLIENT_SECRET_NAME'
+          value: dataverseClientSecretName
+        }
+        {
+          name: 'WEBHOOK_SECRET_NAME'
+          value: webhookSecretName
+        }
+        {
+          name: 'DATAVERSE_API_VERSION'
+          value: dataverseApiVersion
+        }
+        {
+          name: 'SYNC_QUEUE_NAME'
+          value: syncQueueName
+        }
+        {
+          name: 'RECONCILE_SCHEDULE'
+          value: reconcileSchedule
+        }
+        {
+          name: 'DATAVERSE_TIMEOUT_SECONDS'
+          value: dataverseTimeoutSeconds
+        }
+        {
+          name: 'DATAVERSE_MAX_RETRIES'
+          value: dataverseMaxRetries
+        }
+        {
+          name: 'DATAVERSE_MAX_RETRY_SECONDS'
+          value: dataverseMaxRetrySeconds
+        }
+        {
+          name: 'USER_CACHE_TTL_SECONDS'
+          value: userCacheTtlSeconds
+        }
+        {
+          name: 'USER_CACHE_NEGATIVE_TTL_SECONDS'
+          value: userCacheNegativeTtlSeconds
+        }
+        {
+          name: 'AZURE_CLIENT_ID'
+          value: identityClientId
+        }
+        {
+          name: 'AzureWebJobsStorage__credential'
+          value: 'managedidentity'
+        }
+        {
+          name: 'AzureWebJobsStorage__clientId'
+          value: identityClientId
+        }
+        {
+          name: 'AzureWebJobsStorage__blobServiceUri'
+          value: blobEndpoint
+        }
+        {
+          name: 'AzureWebJobsStorage__queueServiceUri'
+          value: queueEndpoint
+        }
+        {
+          name: 'AzureWebJobsStorage__tableServiceUri'
+          value: tableEndpoint
+        }
+        {
+          name: 'APPLICATIONINSIGHTS_CONNECTION_STRING'
+          value: applicationInsightsConnectionString
+        }
+        {
+          name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING'
+          value: 'ClientId=${identityClientId};Authorization=AAD'
+        }
+      ]
+    }
+    functionAppConfig: {
+      deployment: {
+        storage: {
+          type: 'blobContainer'
+          value: '${blobEndpoint}${deploymentContainerName}'
+          authentication: {
+            type: 'UserAssignedIdentity'
+            userAssignedIdentityResourceId: identityId
+          }
+        }
+      }
+      scaleAndConcurrency: {
+        instanceMemoryMB: instanceMemoryMB
+        maximumInstanceCount: maximumInstanceCount
+      }
+      runtime: {
+        name: 'python'
+        version: '3.11'
+      }
+    }
+  }
+}
+
+resource appDiagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  name: 'function-logs'
+  scope: app
+  properties: {
+    workspaceId: workspaceId
+    logs: [
+      {
+        category: 'FunctionAppLogs'
+        enabled: true
+      }
+    ]
+    metrics: [
+      {
+        category: 'AllMetrics'
+        enabled: true
+      }
+    ]
+  }
+}
+
+output id string = app.id
+output name string = app.name
+output uri string = 'https://${app.properties.defaultHostName}'
