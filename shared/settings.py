@@ -30,17 +30,25 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("DATAVERSE_TENANT_ID", None, "Entra tenant (directory) id of the app registration"),
     SettingSpec("DATAVERSE_CLIENT_ID", None, "Application (client) id of the app registration"),
     SettingSpec("KEY_VAULT_URL", None, "https://<vault>.vault.azure.net"),
-    SettingSpec("DATAVERSE_CLIENT_SECRET_NAME", "dataverse-client-secret", "Key Vault secret with the client secret"),
-    SettingSpec("WEBHOOK_SECRET_NAME", "webhook-signing-secret", "Key Vault secret with the webhook signing key"),
+    SettingSpec(
+        "DATAVERSE_CLIENT_SECRET_NAME", "dataverse-client-secret", "Key Vault secret with the client secret"
+    ),
+    SettingSpec(
+        "WEBHOOK_SECRET_NAME", "webhook-signing-secret", "Key Vault secret with the webhook signing key"
+    ),
     SettingSpec("DATAVERSE_API_VERSION", "v9.2", "Web API version"),
-    SettingSpec("SYNC_QUEUE_NAME", "dynamics-sync", "Queue of sync jobs; -deadletter and -poison derive from it"),
+    SettingSpec(
+        "SYNC_QUEUE_NAME", "dynamics-sync", "Queue of sync jobs; -deadletter and -poison derive from it"
+    ),
     SettingSpec("RECONCILE_SCHEDULE", "0 0 */6 * * *", "NCRONTAB schedule of reconcile_users", external=True),
     SettingSpec("DATAVERSE_TIMEOUT_SECONDS", "30", "Timeout of one Dataverse HTTP request"),
     SettingSpec("DATAVERSE_MAX_RETRIES", "5", "Retries of one Dataverse request on 429/5xx/timeouts"),
     SettingSpec("DATAVERSE_MAX_RETRY_SECONDS", "60", "Total time one request may spend waiting to retry"),
     SettingSpec("USER_CACHE_TTL_SECONDS", "900", "How long a found user stays cached per instance"),
     SettingSpec("USER_CACHE_NEGATIVE_TTL_SECONDS", "60", "How long 'no such user' stays cached"),
-    SettingSpec("AZURE_AUTHORITY_HOST", "", "Entra authority host (azure-identity's own setting)", external=True),
+    SettingSpec(
+        "AZURE_AUTHORITY_HOST", "", "Entra authority host (azure-identity's own setting)", external=True
+    ),
     SettingSpec("AZURE_CLIENT_ID", "", "User-assigned managed identity for Key Vault (azure-identity's own)",
                 external=True),
 )
@@ -87,8 +95,8 @@ class Settings:
     tenant_id: str
     client_id: str
     key_vault_url: str
-    client_secret_name: str = "dataverse-client-secret"
-    webhook_secret_name: str = "webhook-signing-secret"
+    client_secret_name: str = "dataverse-client-secret"  # noqa: S105 (a Key Vault secret's name)
+    webhook_secret_name: str = "webhook-signing-secret"  # noqa: S105
     api_version: str = "v9.2"
     sync_queue_name: str = "dynamics-sync"
     authority_host: str = ""
@@ -131,7 +139,9 @@ class Settings:
         if authority:
             parts = urlsplit(authority if "://" in authority else f"https://{authority}")
             if parts.scheme != "https" or not parts.hostname:
-                raise ConfigurationError("AZURE_AUTHORITY_HOST", f"must be an https:// host, got {authority!r}")
+                raise ConfigurationError(
+                    "AZURE_AUTHORITY_HOST", f"must be an https:// host, got {authority!r}"
+                )
             authority = f"https://{parts.netloc}"
         api_version = value("DATAVERSE_API_VERSION")
         if not api_version.startswith("v") or not api_version[1:].replace(".", "").isdigit():

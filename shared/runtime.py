@@ -1,0 +1,68 @@
+"""The per-instance objects, wired once: settings -> secrets -> tokens -> Dataverse -> users.
+
+Everything expensive to warm (the Key Vault secret, the token, the connection pool, the user
+cache) lives in these objects, so a warm Functions instance keeps them in one ``Runtime``,
+built lazily at first use: importing the app never reads a setting or opens a connection.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from shared import logs
+from shared.dataverse import DataverseClient
+from shared.secrets import SecretStore
+from shared.settings import Settings, get_settings, reset_settings
+from shared.tokens import TokenProvider
+from shared.users import UserDirectory
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    secrets: SecretStore
+    tokens: TokenProvider
+    dataverse: DataverseClient
+    users: UserDirectory
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Runtime:
+        secrets = SecretStore(settings.key_vault_url)
+        tokens = TokenProvider(settings, secrets)
+        dataverse = DataverseClient(settings, tokens)
+        users = UserDirectory(
+            dataverse, ttl=settings.user_cache_ttl, negative_ttl=settings.user_cache_negative_ttl
+        )
+        return cls(settings, secrets, tokens, dataverse, users)
+
+    def close(self) -> None:
+        self.dataverse.close()
+        self.secrets.close()
+
+
+_lock = threading.Lock()
+_runtime: Runtime | None = None
+
+
+def get_runtime() -> Runtime:
+    """The instance's runtime, built at first use from the environment's settings (thread-safe)."""
+    global _runtime
+    runtime = _runtime
+    if runtime is not None:
+        return runtime
+    with _lock:
+        if _runtime is None:
+            logs.install()
+            _runtime = Runtime.from_settings(get_settings())
+        return _runtime
+
+
+def reset_runtime() -> None:
+    """Drop the runtime and the cached settings (tests; the local host when it switches sandboxes)."""
+    global _runtime
+    with _lock:
+        old, _runtime = _runtime, None
+        reset_settings()
+    if old is not None:
+        old.close()

@@ -1,0 +1,321 @@
+"""The application's Dataverse access token: one credential per warm instance, one request at a time.
+
+azure-identity's ``ClientSecretCredential`` caches its token, but concurrent cold callers each
+send their own token request; this provider puts a single flight in front of it, keeps the
+token until five minutes before it expires, and answers two events azure-identity cannot:
+
+* Dataverse rejected the token (401): :meth:`TokenProvider.invalidate` drops it *and* the
+  credential, because the credential's cache would hand the same token back.
+* Entra ID rejected the client secret (``invalid_client``, AADSTS7000215 / 7000222): the secret
+  was rotated in Key Vault, so it is re-read once and the request tried once more with a new
+  credential; no restart needed.
+
+Entra's answer is classified from the ``error`` and ``error_codes`` of its JSON body (captured
+through azure-core's response hook, since the credential's exception keeps only a message),
+never from ``error_description`` text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from shared.errors import AuthError
+from shared.logs import register_secret
+from shared.secrets import SecretStore, is_network_failure
+from shared.singleflight import SingleFlight
+
+if TYPE_CHECKING:
+    from azure.core.credentials import TokenCredential
+    from azure.core.pipeline import PipelineResponse
+
+    from shared.settings import Settings
+
+logger = logging.getLogger("shared.tokens")
+
+REFRESH_MARGIN_SECONDS = 300.0
+AUTH_TIMEOUT_SECONDS = 10.0
+AUTH_RETRIES = 2
+
+INVALID_CLIENT_CODES = frozenset({7000215, 7000222})
+UNAUTHORIZED_CLIENT_CODES = frozenset({700016})
+INVALID_TENANT_CODES = frozenset({90002})
+INVALID_SCOPE_CODES = frozenset({70011, 500011})
+
+
+@dataclass(frozen=True)
+class EntraAnswer:
+    """What Entra answered to the last failed request: status, ``error`` and ``error_codes``."""
+
+    status: int
+    error: str | None
+    error_codes: tuple[int, ...]
+
+    @classmethod
+    def from_body(cls, status: int, body: bytes | str | None) -> EntraAnswer:
+        error: str | None = None
+        codes: tuple[int, ...] = ()
+        try:
+            data = json.loads(body or b"")
+        except (ValueError, TypeError):
+            data = None
+        if isinstance(data, dict):
+            raw_error = data.get("error")
+            error = raw_error if isinstance(raw_error, str) else None
+            raw_codes = data.get("error_codes")
+            if isinstance(raw_codes, list):
+                codes = tuple(c for c in raw_codes if isinstance(c, int) and not isinstance(c, bool))
+        return cls(status, error, codes)
+
+
+class _EntraProbe:
+    """Keeps, per thread, the last error answer from the authority (token or discovery endpoint)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def reset(self) -> None:
+        self._local.answer = None
+
+    def on_response(self, response: PipelineResponse[Any, Any]) -> None:
+        http = response.http_response
+        if http.status_code >= 400:
+            try:
+                body: bytes | None = http.body()
+            except Exception:
+                body = None
+            self._local.answer = EntraAnswer.from_body(http.status_code, body)
+
+    @property
+    def answer(self) -> EntraAnswer | None:
+        answer: EntraAnswer | None = getattr(self._local, "answer", None)
+        return answer
+
+
+def _answer_from_exception(exc: BaseException) -> EntraAnswer | None:
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    if response is None or not isinstance(status, int):
+        return None
+    try:
+        body = response.body()
+    except Exception:
+        body = None
+    return EntraAnswer.from_body(status, body)
+
+
+@dataclass(frozen=True)
+class _Token:
+    value: str
+    expires_on: float
+    lifetime: float
+
+
+class TokenProvider:
+    """Bearer tokens for ``settings.scope``; see the module docstring for the rules."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        secrets: SecretStore,
+        *,
+        credential_factory: Callable[[str], TokenCredential] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._secrets = secrets
+        self._factory = credential_factory
+        self._clock = clock
+        self._probe = _EntraProbe()
+        self._lock = threading.Lock()
+        self._credential: TokenCredential | None = None
+        self._credential_secret: str | None = None
+        self._token: _Token | None = None
+        self._flight: SingleFlight[str] = SingleFlight()
+        self.requests = 0  # token requests sent through a credential (for diagnostics and tests)
+
+    # -- public -----------------------------------------------------------------------------------
+
+    def get_token(self) -> str:
+        token = self._token
+        if token is not None and self._fresh(token):
+            return token.value
+        return self._flight.do("token", self._fetch_if_needed)
+
+    def invalidate(self, token: str) -> None:
+        """Forget ``token`` (Dataverse refused it); a token already replaced by another caller stays."""
+        with self._lock:
+            if self._token is not None and self._token.value == token:
+                logger.info("Dataverse refused the cached token; the next call fetches a new one")
+                self._token = None
+                self._drop_credential()
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _fresh(self, token: _Token) -> bool:
+        # Short-lived tokens (a test authority) keep half their lifetime rather than none of it.
+        margin = min(REFRESH_MARGIN_SECONDS, token.lifetime / 2)
+        return self._clock() < token.expires_on - margin
+
+    def _fetch_if_needed(self) -> str:
+        token = self._token
+        if token is not None and self._fresh(token):
+            return token.value
+        return self._fetch()
+
+    def _fetch(self) -> str:
+        name = self._settings.client_secret_name
+        secret = self._secrets.get(name)
+        try:
+            token = self._request(secret)
+        except AuthError as exc:
+            if exc.code != "entra_invalid_client":
+                raise
+            fresh = self._secrets.refresh(name, stale=secret)
+            if fresh == secret:
+                raise self._invalid_client(exc) from exc
+            logger.warning(
+                "Entra ID rejected the client secret (AADSTS%s); Key Vault has a new one: retrying once",
+                exc.aadsts,
+            )
+            try:
+                token = self._request(fresh)
+            except AuthError as again:
+                if again.code == "entra_invalid_client":
+                    raise self._invalid_client(again) from again
+                raise
+        with self._lock:
+            self._token = token
+        return token.value
+
+    def _request(self, secret: str) -> _Token:
+        credential = self._credential_for(secret)
+        self._probe.reset()
+        self.requests += 1
+        started = self._clock()
+        try:
+            access = credential.get_token(self._settings.scope)
+        except AuthError:
+            raise
+        except Exception as exc:
+            raise self._classify(exc) from exc
+        lifetime = max(0.0, float(access.expires_on) - started)
+        return _Token(access.token, float(access.expires_on), lifetime)
+
+    def _credential_for(self, secret: str) -> TokenCredential:
+        with self._lock:
+            if self._credential is None or self._credential_secret != secret:
+                self._drop_credential()
+                self._credential = self._build(secret)
+                self._credential_secret = secret
+            return self._credential
+
+    def _drop_credential(self) -> None:
+        # Not closed here: another thread may still be inside it; its pool goes with the object.
+        self._credential = None
+        self._credential_secret = None
+
+    def _build(self, secret: str) -> TokenCredential:
+        register_secret(secret)
+        if self._factory is not None:
+            return self._factory(secret)
+        from azure.identity import ClientSecretCredential
+
+        s = self._settings
+        return ClientSecretCredential(
+            s.tenant_id,
+            s.client_id,
+            secret,
+            authority=s.authority_host or None,
+            disable_instance_discovery=not s.public_authority,
+            connection_timeout=AUTH_TIMEOUT_SECONDS,
+            read_timeout=AUTH_TIMEOUT_SECONDS,
+            retry_total=AUTH_RETRIES,
+            retry_connect=AUTH_RETRIES,
+            retry_read=AUTH_RETRIES,
+            retry_status=AUTH_RETRIES,
+            retry_backoff_factor=0.5,
+            retry_backoff_max=4,
+            raw_response_hook=self._probe.on_response,
+        )
+
+    def _classify(self, exc: BaseException) -> AuthError:
+        answer = self._probe.answer or _answer_from_exception(exc)
+        s = self._settings
+        if answer is not None:
+            codes = set(answer.error_codes)
+            aadsts = answer.error_codes[0] if answer.error_codes else None
+            if codes & INVALID_CLIENT_CODES or answer.error == "invalid_client":
+                return AuthError(
+                    f"Entra ID rejected the client secret (invalid_client, AADSTS{aadsts}).",
+                    code="entra_invalid_client",
+                    status=answer.status,
+                    aadsts=aadsts,
+                )
+            if codes & UNAUTHORIZED_CLIENT_CODES or answer.error == "unauthorized_client":
+                return AuthError(
+                    f"Entra ID does not know the application {s.client_id} in tenant {s.tenant_id} "
+                    f"(unauthorized_client, AADSTS{aadsts}): DATAVERSE_CLIENT_ID or DATAVERSE_TENANT_ID is "
+                    "wrong, or the app registration was deleted.",
+                    code="entra_unauthorized_client",
+                    status=answer.status,
+                    aadsts=aadsts,
+                )
+            if codes & INVALID_TENANT_CODES or answer.error == "invalid_tenant":
+                return AuthError(
+                    f"Entra ID does not know the tenant {s.tenant_id} (AADSTS{aadsts}): DATAVERSE_TENANT_ID "
+                    "must be the directory (tenant) id of the app registration.",
+                    code="entra_invalid_tenant",
+                    status=answer.status,
+                    aadsts=aadsts,
+                )
+            if codes & INVALID_SCOPE_CODES or answer.error in ("invalid_scope", "invalid_resource"):
+                return AuthError(
+                    f"Entra ID refused the scope {s.scope} (AADSTS{aadsts}): DATAVERSE_URL must be the "
+                    "environment URL (https://<org>.crm.dynamics.com) of a Dataverse environment in that "
+                    "tenant.",
+                    code="entra_invalid_scope",
+                    status=answer.status,
+                    aadsts=aadsts,
+                )
+            if answer.status == 429 or answer.status >= 500:
+                return AuthError(
+                    f"Entra ID answered {answer.status}; no token for now.",
+                    code="entra_unavailable",
+                    transient=True,
+                    status=answer.status,
+                    aadsts=aadsts,
+                )
+            return AuthError(
+                f"Entra ID refused the token request ({answer.status} {answer.error}, AADSTS{aadsts}).",
+                code="entra_rejected",
+                status=answer.status,
+                aadsts=aadsts,
+            )
+        if is_network_failure(exc):
+            return AuthError(
+                f"Entra ID did not answer ({type(exc).__name__}); no token for now.",
+                code="entra_unavailable",
+                transient=True,
+            )
+        return AuthError(
+            f"The token request failed ({type(exc).__name__}); no token for now.",
+            code="entra_unavailable",
+            transient=True,
+        )
+
+    def _invalid_client(self, cause: AuthError) -> AuthError:
+        name = self._settings.client_secret_name
+        return AuthError(
+            f"Entra ID rejected the client secret (AADSTS{cause.aadsts}): the client secret in Key Vault "
+            f"secret '{name}' ({self._secrets.vault_url}) is wrong or expired. Create a new client secret "
+            f"for the app registration {self._settings.client_id} and store its value (not its id) there.",
+            code="entra_invalid_client",
+            status=cause.status,
+            aadsts=cause.aadsts,
+        )
