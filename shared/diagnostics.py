@@ -162,14 +162,8 @@ def _other_user(runtime: Runtime, app_user_id: str) -> SystemUser | None:
     pages = runtime.dataverse.iter_pages("systemusers", params, page_size=10, correlation_id="diagnostics")
     for page in pages:
         for row in page.get("value", []):
-            return SystemUser(
-                systemuserid=row["systemuserid"],
-                email=row.get("internalemailaddress"),
-                fullname=row.get("fullname"),
-                azure_ad_object_id=row.get("azureactivedirectoryobjectid"),
-                is_disabled=bool(row.get("isdisabled")),
-                access_mode=row.get("accessmode"),
-            )
+            if row.get("systemuserid"):
+                return SystemUser.from_record(row)
         break
     return None
 
@@ -280,11 +274,7 @@ def run_diagnostics(
                         "call /api/diagnostics?email=<address> to check with a given user")
         if user.systemuserid.lower() == app_user_id:
             return "not checked: the chosen user is the application user itself"
-        header = (
-            {"CallerObjectId": user.azure_ad_object_id}
-            if user.azure_ad_object_id
-            else {"MSCRMCallerID": user.systemuserid}
-        )
+        header = user.caller().headers()
         response = runtime.dataverse.request("GET", "WhoAmI", headers=header, correlation_id="diagnostics")
         answered = str(response.json().get("UserId", "")).lower()
         how = next(iter(header))

@@ -44,6 +44,7 @@ from shared.errors import (
     InvalidJob,
     SyncError,
 )
+from shared.logs import job_logger
 
 if TYPE_CHECKING:
     from shared.dataverse import WriteResult
@@ -351,7 +352,7 @@ def resolve_actor(job: Job, runtime: Runtime) -> SystemUser | None:
     """The user the job acts as (None: the application user); a disabled user is refused here."""
     if job.act_as is None:
         return None
-    actor = runtime.users.resolve(job.act_as, correlation_id=job.id)
+    actor: SystemUser = runtime.users.resolve(job.act_as, correlation_id=job.id)
     if actor.is_disabled:
         raise ActorError(
             f"user {actor.systemuserid} is disabled in Dataverse; refusing to write on their behalf",
@@ -367,6 +368,7 @@ def run_job(job: Job, runtime: Runtime) -> WriteResult:
     caller = actor.caller() if actor is not None else None
     dataverse = runtime.dataverse
     cid = job.id
+    result: WriteResult
     if job.operation == "create":
         assert job.data is not None
         key = job.write_key()
@@ -387,9 +389,9 @@ def run_job(job: Job, runtime: Runtime) -> WriteResult:
             details=[{"field": "actAs", "systemUserId": actor.systemuserid,
                       "modifiedBy": result.modified_by}],
         )
-    log.info(
-        "job=%s outcome=written operation=%s entity=%s key=%s record=%s status=%s noop=%s actor=%s",
-        job.id, job.operation, job.entity, _describe_key(job.key), result.record_id, result.status,
+    job_logger(log, job.id).info(
+        "outcome=written operation=%s entity=%s key=%s record=%s status=%s noop=%s actor=%s",
+        job.operation, job.entity, _describe_key(job.key), result.record_id, result.status,
         result.noop, actor.systemuserid if actor is not None else "application",
     )
     return result
@@ -454,28 +456,28 @@ def process_message(body: str | bytes, runtime: Callable[[], Runtime] = _default
         original = _original(body)
         job_id = original.get("id") if isinstance(original, dict) else None
         shown = job_id if isinstance(job_id, str) and _ID.fullmatch(job_id) else None
-        log.warning("job=%s outcome=dead-letter reason=%s detail=%s", shown, exc.code, exc.message)
+        job_logger(log, shown).warning("outcome=dead-letter reason=%s detail=%s", exc.code, exc.message)
         return JobOutcome(shown, None, _fit(dead_letter_record(original, exc), shown))
 
-    log.info(
-        "job=%s received operation=%s entity=%s key=%s actAs=%s fields=%s",
-        job.id, job.operation, job.entity, _describe_key(job.key),
+    jlog = job_logger(log, job.id)
+    jlog.info(
+        "received operation=%s entity=%s key=%s actAs=%s fields=%s",
+        job.operation, job.entity, _describe_key(job.key),
         ",".join(job.act_as) if job.act_as else "application", ",".join(job.data or ()),
     )
     try:
         result = run_job(job, runtime())
     except SyncError as exc:
         if exc.transient:
-            log.warning("job=%s outcome=retry reason=%s detail=%s", job.id, exc.code, exc.message)
+            jlog.warning("outcome=retry reason=%s detail=%s", exc.code, exc.message)
             raise
         if not is_job_fault(exc):
-            log.error("job=%s outcome=retry reason=%s (environment, not the job) detail=%s",
-                      job.id, exc.code, exc.message)
+            jlog.error("outcome=retry reason=%s (environment, not the job) detail=%s", exc.code, exc.message)
             raise
-        log.warning("job=%s outcome=dead-letter reason=%s detail=%s", job.id, exc.code, exc.message)
+        jlog.warning("outcome=dead-letter reason=%s detail=%s", exc.code, exc.message)
         return JobOutcome(job.id, None, _fit(dead_letter_record(job.raw, exc), job.id))
     except Exception:
-        log.exception("job=%s outcome=retry reason=unexpected_error", job.id)
+        jlog.exception("outcome=retry reason=unexpected_error")
         raise
     return JobOutcome(job.id, result, None)
 
@@ -483,9 +485,9 @@ def process_message(body: str | bytes, runtime: Callable[[], Runtime] = _default
 def _fit(record: dict[str, Any], job_id: str | None) -> dict[str, Any]:
     size = text_size(dumps(record))
     if size > MAX_JOB_BYTES:
-        log.error(
-            "job=%s dead-letter record is %d bytes, too large for a queue message; "
-            "raising so the host keeps the original message in -poison", job_id, size,
+        job_logger(log, job_id).error(
+            "dead-letter record is %d bytes, too large for a queue message; "
+            "raising so the host keeps the original message in -poison", size,
         )
         raise SyncError(
             f"dead-letter record of {size} bytes exceeds {MAX_JOB_BYTES}", code="dead_letter_too_large"

@@ -62,8 +62,22 @@ def _norm_email(value: str | None) -> str | None:
     return value or None
 
 
-def parse_roster(text: str | None) -> list[RosterEntry] | None:
+def as_text(data: str | bytes | None, path: str) -> str | None:
+    """Blob contents as text; a roster saved in a legacy code page gets a message saying so."""
+    if data is None or isinstance(data, str):
+        return data
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ReconciliationError(
+            f"{path} is not UTF-8 (byte {exc.start}); save it as 'CSV UTF-8'",
+            code="snapshot_invalid" if path == SNAPSHOT_PATH else "roster_invalid",
+        ) from None
+
+
+def parse_roster(data: str | bytes | None) -> list[RosterEntry] | None:
     """Entries in file order, one per distinct email (the first wins).  None when there is no roster."""
+    text = as_text(data, ROSTER_PATH)
     if text is None:
         return None
     text = text.removeprefix("\ufeff")
@@ -124,8 +138,9 @@ def _user_record(user: SystemUser) -> dict[str, Any]:
     }
 
 
-def parse_snapshot(text: str | None) -> dict[str, dict[str, Any]] | None:
+def parse_snapshot(data: str | bytes | None) -> dict[str, dict[str, Any]] | None:
     """The previous run's users by systemuserid.  None when there was no previous run."""
+    text = as_text(data, SNAPSHOT_PATH)
     if text is None:
         return None
     fix = f"delete {SNAPSHOT_PATH} to start from a fresh baseline"
@@ -194,8 +209,8 @@ def _changes(
 
 def reconcile(
     users: Iterable[SystemUser],
-    roster_csv: str | None,
-    previous_snapshot: str | None,
+    roster_csv: str | bytes | None,
+    previous_snapshot: str | bytes | None,
     *,
     now: datetime,
 ) -> tuple[str, dict[str, Any]]:
@@ -247,8 +262,8 @@ def summary(report: Mapping[str, Any]) -> str:
 
 def run_reconciliation(
     runtime: Runtime,
-    roster_csv: str | None,
-    previous_snapshot: str | None,
+    roster_csv: str | bytes | None,
+    previous_snapshot: str | bytes | None,
     *,
     now: datetime,
 ) -> tuple[str, dict[str, Any]]:

@@ -1,0 +1,199 @@
+"""The Function App's table of contents: each trigger adapts its input, calls one function in shared/,
+and maps the outcome onto the binding or the HTTP response.
+
+Importing this module must never touch the network or read a setting (a failing import shows in Azure
+only as "0 functions found"): the runtime is built lazily, inside the first trigger that needs it.
+
+No ``from __future__ import annotations`` here: the Functions worker reads these annotations at
+runtime to pick its converters.  For the same reason ``Out[typing.List[str]]`` is spelled with
+``typing.List`` — azure-functions 1.26 does not recognise ``list[str]`` as an iterable output type.
+"""
+
+import json
+import logging
+import typing
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import azure.functions as func
+
+import shared
+from shared import logs
+from shared.diagnostics import run_diagnostics
+from shared.errors import ActorError, ConfigurationError, SyncError
+from shared.jobs import is_email_address, process_message
+from shared.reconciliation import ROSTER_PATH, SNAPSHOT_PATH, run_reconciliation
+from shared.webhooks import error_body, handle_webhook
+
+logs.install()
+log = logging.getLogger("function_app")
+
+STORAGE = "AzureWebJobsStorage"
+SYNC_QUEUE = "%SYNC_QUEUE_NAME%"
+DEAD_LETTER_QUEUE = "%SYNC_QUEUE_NAME%-deadletter"
+
+app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> func.HttpResponse:
+    return func.HttpResponse(
+        json.dumps(body, ensure_ascii=False),
+        status_code=status,
+        mimetype="application/json",
+        charset="utf-8",
+        headers=headers,
+    )
+
+
+def _error(
+    status: int, code: str, message: str, details: list[dict[str, Any]] | None = None
+) -> func.HttpResponse:
+    return _json(status, error_body(code, message, details))
+
+
+def _guarded(name: str, handler: Callable[[], func.HttpResponse]) -> func.HttpResponse:
+    """Every failure becomes the documented error body; a traceback never reaches the caller."""
+    try:
+        return handler()
+    except ConfigurationError as exc:
+        log.error("%s: %s", name, exc)
+        return _json(500, {"error": exc.to_dict()})
+    except SyncError as exc:
+        log.warning("%s: %s", name, exc)
+        if exc.transient:
+            return _json(503, {"error": exc.to_dict()}, {"Retry-After": "5"})
+        return _json(502, {"error": exc.to_dict()})
+    except Exception:
+        incident = str(uuid.uuid4())
+        log.exception("%s: unexpected error (incident %s)", name, incident)
+        return _error(500, "internal_error", f"unexpected error; the function's log has incident {incident}")
+
+
+def _runtime() -> Any:
+    from shared.runtime import get_runtime
+
+    return get_runtime()
+
+
+def _webhook_key() -> str:
+    runtime = _runtime()
+    key: str = runtime.secrets.get(runtime.settings.webhook_secret_name)
+    return key
+
+
+def _blob_bytes(blob: Any) -> bytes | str | None:
+    """A missing input blob arrives as None; otherwise an InputStream (or str/bytes from a local host)."""
+    if blob is None or isinstance(blob, str | bytes):
+        return blob
+    data: bytes = blob.read()
+    return data
+
+
+# --- queue: sync jobs ----------------------------------------------------------------------------
+
+
+@app.function_name("sync_job")
+@app.queue_trigger(arg_name="msg", queue_name=SYNC_QUEUE, connection=STORAGE)
+@app.queue_output(arg_name="deadletter", queue_name=DEAD_LETTER_QUEUE, connection=STORAGE)
+def sync_job(msg: func.QueueMessage, deadletter: func.Out[str]) -> None:
+    """Write one job; a permanent failure -> -deadletter, a transient one raises (retry, then -poison)."""
+    log.info("job message %s dequeue_count=%s", msg.id, msg.dequeue_count)
+    outcome = process_message(msg.get_body())
+    if outcome.dead_letter is not None:
+        deadletter.set(json.dumps(outcome.dead_letter, ensure_ascii=False, separators=(",", ":")))
+
+
+# --- HTTP ----------------------------------------------------------------------------------------
+
+
+@app.function_name("webhook")
+@app.route(route="webhooks/{source}", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+@app.queue_output(arg_name="jobs", queue_name=SYNC_QUEUE, connection=STORAGE)
+def webhook(req: func.HttpRequest, jobs: func.Out[typing.List[str]]) -> func.HttpResponse:  # noqa: UP006
+    """Signed batch of jobs -> one queue message per job, all or nothing."""
+
+    def handle() -> func.HttpResponse:
+        source = req.route_params.get("source", "")
+        result = handle_webhook(source, req.headers, req.get_body(), _webhook_key)
+        if result.status == 202:
+            jobs.set(result.messages)
+        return _json(result.status, result.body)
+
+    return _guarded("webhook", handle)
+
+
+@app.function_name("lookup_user")
+@app.route(route="users", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+def lookup_user(req: func.HttpRequest) -> func.HttpResponse:
+    """``GET /api/users?email=``: 200 the user, 404 none, 409 several share the address, 400 not an email."""
+
+    def handle() -> func.HttpResponse:
+        email = (req.params.get("email") or "").strip()
+        if not is_email_address(email):
+            return _error(400, "invalid_email", "the email query parameter must be an email address",
+                          [{"field": "email", "message": "must be an email address"}])
+        try:
+            user = _runtime().users.by_email(email, correlation_id="lookup_user")
+        except ActorError as exc:
+            status = 409 if exc.code == "actor_ambiguous" else 404 if exc.code == "actor_not_found" else 422
+            return _json(status, {"error": exc.to_dict()})
+        return _json(200, user.to_api())
+
+    return _guarded("lookup_user", handle)
+
+
+@app.function_name("health")
+@app.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+def health(req: func.HttpRequest) -> func.HttpResponse:
+    """Liveness only: no dependency is called, so it answers even when the settings are wrong."""
+    return _json(200, {"status": "ok", "version": shared.__version__})
+
+
+@app.function_name("diagnostics")
+@app.route(route="diagnostics", methods=["GET"], auth_level=func.AuthLevel.ADMIN)
+def diagnostics(req: func.HttpRequest) -> func.HttpResponse:
+    """Walk identity -> Key Vault -> Entra -> Dataverse -> impersonation; 200 when all pass, else 503."""
+
+    def handle() -> func.HttpResponse:
+        email = (req.params.get("email") or "").strip()
+        if email and not is_email_address(email):
+            return _error(400, "invalid_email", "the email query parameter must be an email address",
+                          [{"field": "email", "message": "must be an email address"}])
+        report = run_diagnostics(act_as={"email": email} if email else None)
+        return _json(200 if report["ok"] else 503, report)
+
+    return _guarded("diagnostics", handle)
+
+
+# --- timer: reconciliation -----------------------------------------------------------------------
+
+
+@app.function_name("reconcile_users")
+@app.timer_trigger(arg_name="timer", schedule="%RECONCILE_SCHEDULE%", run_on_startup=False, use_monitor=True)
+@app.blob_input(arg_name="roster", path=ROSTER_PATH, connection=STORAGE, data_type=func.DataType.STRING)
+@app.blob_input(arg_name="previous", path=SNAPSHOT_PATH, connection=STORAGE, data_type=func.DataType.STRING)
+@app.blob_output(arg_name="snapshot", path=SNAPSHOT_PATH, connection=STORAGE, data_type=func.DataType.STRING)
+@app.blob_output(
+    arg_name="report", path="reconciliation/reports/{DateTime}.json", connection=STORAGE,
+    data_type=func.DataType.STRING,
+)
+def reconcile_users(
+    timer: func.TimerRequest,
+    roster: func.InputStream,
+    previous: func.InputStream,
+    snapshot: func.Out[str],
+    report: func.Out[str],
+) -> None:
+    """All users once -> new snapshot + report; the instance's user cache is refreshed on the way."""
+    if timer.past_due:
+        log.warning("reconcile_users is running late (past_due)")
+    new_snapshot, new_report = run_reconciliation(
+        _runtime(), _blob_bytes(roster), _blob_bytes(previous), now=datetime.now(UTC)
+    )
+    snapshot.set(new_snapshot)
+    report.set(json.dumps(new_report, indent=2, ensure_ascii=False) + "\n")
