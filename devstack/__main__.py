@@ -1,0 +1,260 @@
+"""``python -m devstack up|exec``: the whole local Azure stack in one process (plus Azurite).
+
+``up`` runs until SIGTERM/SIGINT and prints ``devstack ready <state file>`` once every service
+answers (so a parent can wait on that line instead of polling).  ``exec -- CMD`` brings the stack
+up on free ports, runs CMD with ``DEVSTACK_STATE`` and ``REQUESTS_CA_BUNDLE`` set, tears down and
+exits with CMD's status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import requests
+from flask import Flask
+
+from devstack import azurite, control, entra, identity, keyvault, tls, web
+from devstack.sandboxes import DEFAULT_SANDBOX_ID, DEFAULT_TENANT_ID, Registry
+
+log = logging.getLogger("devstack")
+
+FIXED_PORTS = {"identity": 7072, "entra": 7073, "keyvault": 7074, "dataverse": 7075, "control": 7076}
+TLS_SERVICES = frozenset({"entra", "keyvault", "dataverse"})
+HOST = "127.0.0.1"
+
+
+def _dataverse_factory() -> Callable[[Registry], Flask] | None:
+    try:
+        module = importlib.import_module("devstack.dataverse")
+    except ModuleNotFoundError as error:
+        if error.name != "devstack.dataverse":
+            raise
+        return None
+    factory = getattr(module, "create_app", None)
+    return factory if callable(factory) else None
+
+
+class RunningStack:
+    """Every emulator on its own server thread, Azurite as a child; ``stop()`` undoes it all."""
+
+    def __init__(self, state_path: Path, *, fixed_ports: bool, with_azurite: bool = True) -> None:
+        self.state_path = state_path
+        self.state_dir = state_path.parent
+        self.fixed_ports = fixed_ports
+        self.with_azurite = with_azurite
+        self.registry = Registry()
+        self.servers: dict[str, web.ServerHandle] = {}
+        self.azurite: azurite.Azurite | None = None
+        self._wrote_state = False
+
+    def start(self) -> dict[str, Any]:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            if self.with_azurite:
+                # First, so its boot overlaps ours; and from the main thread, which lives as long as we do
+                # (the parent-death signal fires when the spawning thread exits).
+                self.azurite = azurite.start(self.state_dir / "azurite",
+                                             azurite.FIXED_PORTS if self.fixed_ports else None, HOST)
+            self.registry.ca_bundle = tls.write_ca_bundle(self.state_dir)
+            apps: dict[str, Flask] = {
+                "identity": identity.create_app(self.registry),
+                "entra": entra.create_app(self.registry),
+                "keyvault": keyvault.create_app(self.registry),
+                "control": control.create_app(self.registry),
+            }
+            dataverse = _dataverse_factory()
+            if dataverse is not None:
+                apps["dataverse"] = dataverse(self.registry)
+            for name, app in apps.items():
+                port = FIXED_PORTS[name] if self.fixed_ports else 0
+                handle = web.serve(app, HOST, port, tls=name in TLS_SERVICES)
+                self.servers[name] = handle
+                self.registry.urls[name] = handle.url
+            if "dataverse" not in self.registry.urls:
+                # Tokens for it still work; only the emulator itself is missing.
+                self.registry.urls["dataverse"] = f"https://{HOST}:{FIXED_PORTS['dataverse']}"
+            self.registry.create(sandbox_id=DEFAULT_SANDBOX_ID)
+            self._wait_until_answering()
+            if self.azurite is not None:
+                self.azurite.wait_ready()
+            state = self.state()
+            tmp = self.state_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(state, indent=2), encoding="utf-8")
+            tmp.replace(self.state_path)
+            self._wrote_state = True
+            return state
+        except BaseException:
+            self.stop()
+            raise
+
+    def state(self) -> dict[str, Any]:
+        urls = self.registry.urls
+        return {
+            "pid": os.getpid(),
+            "ca_bundle": self.registry.ca_bundle,
+            "control_url": urls["control"],
+            "urls": {name: urls[name] for name in ("identity", "entra", "keyvault", "dataverse")},
+            "identity_endpoint": urls["identity"] + identity.PATH,
+            "default_sandbox": DEFAULT_SANDBOX_ID,
+            "azurite": self.azurite.state() if self.azurite is not None else {},
+        }
+
+    def _wait_until_answering(self) -> None:
+        """One real request per service through the real TLS path: the state file promises they answer."""
+        probes = {
+            "identity": identity.PATH,
+            "entra": f"/{DEFAULT_TENANT_ID}/v2.0/.well-known/openid-configuration",
+            "keyvault": "/secrets/probe?api-version=7.6",
+            "dataverse": "/api/data/v9.2/",
+            "control": "/health",
+        }
+        session = requests.Session()
+        session.trust_env = False
+        session.verify = self.registry.ca_bundle or True
+        for name, handle in self.servers.items():
+            # The listening socket is bound before the server thread starts: one attempt suffices.
+            response = session.get(handle.url + probes[name], timeout=10)
+            log.debug("%s answered %s", name, response.status_code)
+        # The probes hit the default sandbox's Entra counters; start it clean.
+        default = self.registry.get(DEFAULT_SANDBOX_ID)
+        if default is not None:
+            default.counters.reset()
+        session.close()
+
+    def stop(self) -> None:
+        for handle in self.servers.values():
+            with contextlib.suppress(Exception):
+                handle.shutdown()
+        self.servers.clear()
+        if self.azurite is not None:
+            self.azurite.stop()
+            self.azurite = None
+        if self._wrote_state:
+            with contextlib.suppress(FileNotFoundError):
+                self.state_path.unlink()
+            self._wrote_state = False
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        return sock.connect_ex((HOST, port)) == 0
+
+
+def _check_fixed_ports() -> None:
+    busy = [p for p in (*FIXED_PORTS.values(), *azurite.FIXED_PORTS) if _port_in_use(p)]
+    if busy:
+        raise SystemExit(f"devstack: ports already in use: {busy} (another stack running? try --ports auto)")
+
+
+class _Stop:
+    """SIGTERM/SIGINT set an event; the main thread waits on it and tears down in order."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signal: int | None = None
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signal = signum
+        self.event.set()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    stop = _Stop()
+    stop.install()
+    if args.ports == "fixed":
+        _check_fixed_ports()
+    stack = RunningStack(Path(args.state).resolve(), fixed_ports=args.ports == "fixed",
+                         with_azurite=not args.no_azurite)
+    stack.start()
+    try:
+        print(f"devstack ready {stack.state_path}", flush=True)
+        for name, url in sorted(stack.registry.urls.items()):
+            log.info("%-9s %s", name, url)
+        while not stop.event.wait(3600):
+            pass
+    finally:
+        stack.stop()
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    command: list[str] = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise SystemExit("devstack exec: nothing to run (usage: python -m devstack exec -- CMD ...)")
+    stop = _Stop()
+    stop.install()
+    with tempfile.TemporaryDirectory(prefix="devstack-") as tmp:
+        stack = RunningStack(Path(tmp) / "state.json", fixed_ports=False, with_azurite=not args.no_azurite)
+        stack.start()
+        try:
+            env = dict(os.environ)
+            env["DEVSTACK_STATE"] = str(stack.state_path)
+            env["REQUESTS_CA_BUNDLE"] = str(stack.registry.ca_bundle)
+            child = subprocess.Popen(command, env=env)
+            def wait_child() -> None:
+                child.wait()
+                stop.event.set()
+
+            threading.Thread(target=wait_child, daemon=True).start()
+            stop.event.wait()
+            if child.poll() is None and stop.signal is not None:
+                child.send_signal(stop.signal)
+                try:
+                    child.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+            code = child.wait()
+        finally:
+            stack.stop()
+    return code if code >= 0 else 128 - code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m devstack", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging of the emulators")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="run the stack until SIGTERM/SIGINT")
+    up.add_argument("--state", default=".devstack/state.json", help="where to write the state file")
+    up.add_argument("--ports", choices=("fixed", "auto"), default="fixed")
+    up.add_argument("--no-azurite", action="store_true", help="emulators only")
+    ex = sub.add_parser("exec", help="run a command against a fresh stack on free ports")
+    ex.add_argument("--no-azurite", action="store_true", help="emulators only")
+    ex.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    if not args.verbose:
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    started = time.monotonic()
+    try:
+        if args.cmd == "up":
+            return cmd_up(args)
+        return cmd_exec(args)
+    finally:
+        log.debug("devstack %s ran %.1f s", args.cmd, time.monotonic() - started)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,452 @@
+"""Control API of the stack: tests, `make run` and the benchmarks script sandboxes through it.
+
+The HTTP side lives in the stack process; ``Stack`` / ``SandboxClient`` are the Python client
+(it only needs the state file).  Dataverse-specific operations are forwarded to ``sandbox.org``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import requests
+from flask import Flask, Response, jsonify, request
+
+from devstack import web
+from devstack.sandboxes import (
+    CLIENT_SECRET_NAME,
+    SERVICES,
+    WEBHOOK_SECRET_NAME,
+    Fault,
+    Registry,
+    Sandbox,
+)
+
+# --- server -----------------------------------------------------------------------------------
+
+
+class _Problem(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def sandbox_env(registry: Registry, sandbox: Sandbox) -> dict[str, str]:
+    """The app settings that point the production code at this sandbox."""
+    urls = registry.urls
+    env = {
+        "DATAVERSE_URL": urls.get("dataverse", ""),
+        "DATAVERSE_TENANT_ID": sandbox.tenant_id,
+        "DATAVERSE_CLIENT_ID": sandbox.client_id,
+        "KEY_VAULT_URL": urls.get("keyvault", ""),
+        "AZURE_AUTHORITY_HOST": urls.get("entra", ""),
+        "IDENTITY_ENDPOINT": urls.get("identity", "") + "/msi/token" if urls.get("identity") else "",
+        "IDENTITY_HEADER": sandbox.identity_header,
+        "DATAVERSE_CLIENT_SECRET_NAME": CLIENT_SECRET_NAME,
+        "WEBHOOK_SECRET_NAME": WEBHOOK_SECRET_NAME,
+    }
+    if registry.ca_bundle:
+        env["REQUESTS_CA_BUNDLE"] = registry.ca_bundle
+    return env
+
+
+def _users(sandbox: Sandbox) -> list[dict[str, Any]]:
+    users_wire = getattr(sandbox.org, "users_wire", None)
+    return list(users_wire()) if callable(users_wire) else []
+
+
+def _view(registry: Registry, sandbox: Sandbox) -> dict[str, Any]:
+    return {**sandbox.info(), "env": sandbox_env(registry, sandbox), "users": _users(sandbox)}
+
+
+def _body() -> dict[str, Any]:
+    data = request.get_json(silent=True) if request.data else {}
+    if data is None or not isinstance(data, dict):
+        raise _Problem(400, "body must be a JSON object")
+    return data
+
+
+def _org_call(sandbox: Sandbox, method: str, *args: Any, **kwargs: Any) -> Any:
+    target = getattr(sandbox.org, method, None)
+    if not callable(target):
+        raise _Problem(501, f"the Dataverse emulator does not support {method}()")
+    try:
+        return target(*args, **kwargs)
+    except KeyError as error:
+        raise _Problem(404, f"not found: {error.args[0] if error.args else error}") from None
+    except (ValueError, TypeError) as error:
+        raise _Problem(400, str(error)) from None
+
+
+def create_app(registry: Registry) -> Flask:
+    app = web.create_app("devstack-control")
+
+    @app.errorhandler(_Problem)
+    def _problem(error: _Problem) -> Response:
+        response = jsonify({"error": error.message})
+        response.status_code = error.status
+        return response
+
+    def sandbox_or_404(sandbox_id: str) -> Sandbox:
+        sandbox = registry.get(sandbox_id)
+        if sandbox is None:
+            raise _Problem(404, f"no sandbox {sandbox_id!r}")
+        return sandbox
+
+    def ok() -> Response:
+        return jsonify({"ok": True})
+
+    @app.get("/health")
+    def health() -> Response:
+        return jsonify({"ok": True, "sandboxes": len(registry), "urls": registry.urls})
+
+    @app.post("/sandboxes")
+    def create() -> Response:
+        body = _body()
+        try:
+            sandbox = registry.create(seed=str(body.get("seed", "default")), users=int(body.get("users", 0)),
+                                      sandbox_id=body.get("id"))
+        except ValueError as error:
+            raise _Problem(400, str(error)) from None
+        response = jsonify(_view(registry, sandbox))
+        response.status_code = 201
+        return response
+
+    @app.get("/sandboxes/<sandbox_id>")
+    def show(sandbox_id: str) -> Response:
+        return jsonify(_view(registry, sandbox_or_404(sandbox_id)))
+
+    @app.delete("/sandboxes/<sandbox_id>")
+    def delete(sandbox_id: str) -> Response:
+        if sandbox_id == "default":
+            raise _Problem(400, "the default sandbox cannot be deleted")
+        if not registry.delete(sandbox_id):
+            raise _Problem(404, f"no sandbox {sandbox_id!r}")
+        return ok()
+
+    @app.get("/sandboxes/<sandbox_id>/counters")
+    def counters(sandbox_id: str) -> Response:
+        return jsonify(sandbox_or_404(sandbox_id).counters.snapshot())
+
+    @app.delete("/sandboxes/<sandbox_id>/counters")
+    def reset_counters(sandbox_id: str) -> Response:
+        sandbox_or_404(sandbox_id).counters.reset()
+        return ok()
+
+    @app.post("/sandboxes/<sandbox_id>/faults")
+    def add_fault(sandbox_id: str) -> Response:
+        sandbox = sandbox_or_404(sandbox_id)
+        body = _body()
+        try:
+            fault = Fault(
+                service=str(body.get("service")), method=body.get("method"), path_regex=body.get("path"),
+                status=body.get("status"), body=body.get("body"), raw_body=body.get("raw_body"),
+                headers=body.get("headers"), delay=float(body.get("delay") or 0.0),
+                drop=bool(body.get("drop", False)), times=int(body.get("times", 1)),
+            )
+        except (ValueError, TypeError) as error:
+            raise _Problem(400, str(error)) from None
+        sandbox.add_fault(fault)
+        return ok()
+
+    @app.get("/sandboxes/<sandbox_id>/faults")
+    def list_faults(sandbox_id: str) -> Response:
+        sandbox = sandbox_or_404(sandbox_id)
+        with sandbox.lock:
+            return jsonify([f.to_dict() for f in sandbox.faults])
+
+    @app.delete("/sandboxes/<sandbox_id>/faults")
+    def clear_faults(sandbox_id: str) -> Response:
+        sandbox_or_404(sandbox_id).clear_faults()
+        return ok()
+
+    @app.put("/sandboxes/<sandbox_id>/latency/<service>")
+    def set_latency(sandbox_id: str, service: str) -> Response:
+        sandbox = sandbox_or_404(sandbox_id)
+        try:
+            sandbox.set_latency(service, float(_body().get("seconds", 0.0)))
+        except (ValueError, TypeError) as error:
+            raise _Problem(400, str(error)) from None
+        return ok()
+
+    @app.put("/sandboxes/<sandbox_id>/secrets/<name>")
+    def set_secret(sandbox_id: str, name: str) -> Response:
+        value = _body().get("value")
+        if not isinstance(value, str):
+            raise _Problem(400, "value must be a string")
+        version = sandbox_or_404(sandbox_id).set_secret(name, value)
+        return jsonify({"name": name, "version": version.version})
+
+    @app.put("/sandboxes/<sandbox_id>/client-secret")
+    def set_client_secret(sandbox_id: str) -> Response:
+        body = _body()
+        value = body.get("value")
+        if not isinstance(value, str) or not value:
+            raise _Problem(400, "value must be a non-empty string")
+        sandbox_or_404(sandbox_id).set_client_secret(value, keep_old=bool(body.get("keep_old", False)))
+        return ok()
+
+    @app.post("/sandboxes/<sandbox_id>/client-secret/expire")
+    def expire_client_secret(sandbox_id: str) -> Response:
+        sandbox_or_404(sandbox_id).expire_client_secret()
+        return ok()
+
+    @app.put("/sandboxes/<sandbox_id>/token-lifetime")
+    def set_token_lifetime(sandbox_id: str) -> Response:
+        sandbox = sandbox_or_404(sandbox_id)
+        seconds = _body().get("seconds")
+        if not isinstance(seconds, int) or seconds < 1:
+            raise _Problem(400, "seconds must be a positive integer")
+        sandbox.token_lifetime = seconds
+        return ok()
+
+    @app.post("/sandboxes/<sandbox_id>/revoke-tokens")
+    def revoke_tokens(sandbox_id: str) -> Response:
+        sandbox_or_404(sandbox_id).revoke_tokens()
+        return ok()
+
+    @app.put("/sandboxes/<sandbox_id>/keyvault-access")
+    def set_keyvault_access(sandbox_id: str) -> Response:
+        sandbox_or_404(sandbox_id).keyvault_forbidden = not bool(_body().get("allowed", True))
+        return ok()
+
+    # --- Dataverse state, delegated to sandbox.org -------------------------------------------
+    @app.put("/sandboxes/<sandbox_id>/limits")
+    def set_limits(sandbox_id: str) -> Response:
+        body = _body()
+        allowed = {"requests", "window_seconds", "execution_ms", "concurrent"}
+        unknown = set(body) - allowed
+        if unknown:
+            raise _Problem(400, f"unknown limits: {sorted(unknown)}")
+        _org_call(sandbox_or_404(sandbox_id), "set_limits", **body)
+        return ok()
+
+    @app.put("/sandboxes/<sandbox_id>/privilege")
+    def set_privilege(sandbox_id: str) -> Response:
+        body = _body()
+        _org_call(sandbox_or_404(sandbox_id), "set_privilege", impersonation=bool(body.get("impersonation")))
+        return ok()
+
+    @app.get("/sandboxes/<sandbox_id>/users")
+    def list_users(sandbox_id: str) -> Response:
+        return jsonify(_users(sandbox_or_404(sandbox_id)))
+
+    @app.post("/sandboxes/<sandbox_id>/users")
+    def add_user(sandbox_id: str) -> Response:
+        body = _body()
+        email = body.pop("email", None)
+        if not isinstance(email, str):
+            raise _Problem(400, "email must be a string")
+        user = _org_call(sandbox_or_404(sandbox_id), "add_user", email, **body)
+        response = jsonify(user)
+        response.status_code = 201
+        return response
+
+    @app.patch("/sandboxes/<sandbox_id>/users/<systemuserid>")
+    def update_user(sandbox_id: str, systemuserid: str) -> Response:
+        user = _org_call(sandbox_or_404(sandbox_id), "update_user", systemuserid, **_body())
+        return jsonify(user if user is not None else {"ok": True})
+
+    @app.delete("/sandboxes/<sandbox_id>/users/<systemuserid>")
+    def remove_user(sandbox_id: str, systemuserid: str) -> Response:
+        _org_call(sandbox_or_404(sandbox_id), "remove_user", systemuserid)
+        return ok()
+
+    @app.get("/sandboxes/<sandbox_id>/records/<entity_set>")
+    def records(sandbox_id: str, entity_set: str) -> Response:
+        return jsonify(_org_call(sandbox_or_404(sandbox_id), "records", entity_set))
+
+    @app.post("/sandboxes/<sandbox_id>/entities")
+    def add_entity(sandbox_id: str) -> Response:
+        body = _body()
+        entity_set, primary_id = body.get("entity_set"), body.get("primary_id")
+        if not isinstance(entity_set, str) or not isinstance(primary_id, str):
+            raise _Problem(400, "entity_set and primary_id must be strings")
+        alternate_keys = body.get("alternate_keys") or []
+        _org_call(sandbox_or_404(sandbox_id), "add_entity", entity_set, primary_id,
+                  alternate_keys=alternate_keys)
+        return ok()
+
+    return app
+
+
+# --- client -----------------------------------------------------------------------------------
+
+
+class ControlError(RuntimeError):
+    """The control API refused a request (bad argument, unknown sandbox, unsupported operation)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"control API {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class _Http:
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.session = requests.Session()
+        self.session.trust_env = False  # plain HTTP on loopback: no proxies, no CA bundle
+
+    def call(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
+        response = self.session.request(method, self.base_url + path, json=body, timeout=30)
+        try:
+            data = response.json()
+        except ValueError:
+            data = {"error": response.text}
+        if response.status_code >= 400:
+            raise ControlError(response.status_code, str(data.get("error", data)))
+        return data
+
+
+class SandboxClient:
+    """One sandbox, seen from a test: settings to run the app against it, and knobs to misbehave."""
+
+    def __init__(self, http: _Http, view: Mapping[str, Any]) -> None:
+        self._http = http
+        self.id: str = view["id"]
+        self.info: dict[str, Any] = dict(view)
+        self.env: dict[str, str] = dict(view["env"])
+        self.users: list[dict[str, Any]] = list(view.get("users", []))
+        self.tenant_id: str = view["tenant_id"]
+        self.client_id: str = view["client_id"]
+        self.identity_header: str = view["identity_header"]
+
+    def _path(self, suffix: str = "") -> str:
+        return f"/sandboxes/{self.id}{suffix}"
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        result: dict[str, dict[str, int]] = self._http.call("GET", self._path("/counters"))
+        return result
+
+    def reset_counters(self) -> None:
+        self._http.call("DELETE", self._path("/counters"))
+
+    def add_fault(self, service: str, *, method: str | None = None, path: str | None = None,
+                  status: int | None = None, body: Any = None, raw_body: str | None = None,
+                  headers: Mapping[str, str] | None = None, delay: float = 0.0, drop: bool = False,
+                  times: int = 1) -> None:
+        if service not in SERVICES:
+            raise ValueError(f"unknown service {service!r}; one of {', '.join(SERVICES)}")
+        self._http.call("POST", self._path("/faults"), {
+            "service": service, "method": method, "path": path, "status": status, "body": body,
+            "raw_body": raw_body, "headers": dict(headers) if headers else None, "delay": delay,
+            "drop": drop, "times": times,
+        })
+
+    def faults(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._http.call("GET", self._path("/faults"))
+        return result
+
+    def clear_faults(self) -> None:
+        self._http.call("DELETE", self._path("/faults"))
+
+    def set_latency(self, service: str, seconds: float) -> None:
+        self._http.call("PUT", self._path(f"/latency/{service}"), {"seconds": seconds})
+
+    def set_limits(self, requests: int | None = None, window_seconds: float | None = None,
+                   execution_ms: int | None = None, concurrent: int | None = None) -> None:
+        limits = {"requests": requests, "window_seconds": window_seconds, "execution_ms": execution_ms,
+                  "concurrent": concurrent}
+        self._http.call("PUT", self._path("/limits"), {k: v for k, v in limits.items() if v is not None})
+
+    def set_secret(self, name: str, value: str) -> str:
+        """Adds a new Key Vault version; returns its version id."""
+        result = self._http.call("PUT", self._path(f"/secrets/{name}"), {"value": value})
+        return str(result["version"])
+
+    def set_client_secret(self, value: str, *, keep_old: bool = False) -> None:
+        self._http.call("PUT", self._path("/client-secret"), {"value": value, "keep_old": keep_old})
+
+    def expire_client_secret(self) -> None:
+        self._http.call("POST", self._path("/client-secret/expire"))
+
+    def set_token_lifetime(self, seconds: int) -> None:
+        self._http.call("PUT", self._path("/token-lifetime"), {"seconds": seconds})
+
+    def revoke_tokens(self) -> None:
+        self._http.call("POST", self._path("/revoke-tokens"))
+
+    def set_keyvault_access(self, allowed: bool) -> None:
+        """False: Key Vault answers 403 ForbiddenByRbac, as when the role assignment is missing."""
+        self._http.call("PUT", self._path("/keyvault-access"), {"allowed": allowed})
+
+    def set_privilege(self, *, impersonation: bool) -> None:
+        self._http.call("PUT", self._path("/privilege"), {"impersonation": impersonation})
+
+    def list_users(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._http.call("GET", self._path("/users"))
+        return result
+
+    def add_user(self, email: str, *, fullname: str | None = None, object_id: str | None = "auto",
+                 disabled: bool = False, ignore_impersonation: bool = False) -> dict[str, Any]:
+        result: dict[str, Any] = self._http.call("POST", self._path("/users"), {
+            "email": email, "fullname": fullname, "object_id": object_id, "disabled": disabled,
+            "ignore_impersonation": ignore_impersonation,
+        })
+        return result
+
+    def update_user(self, systemuserid: str, **fields: Any) -> dict[str, Any]:
+        result: dict[str, Any] = self._http.call("PATCH", self._path(f"/users/{systemuserid}"), fields)
+        return result
+
+    def remove_user(self, systemuserid: str) -> None:
+        self._http.call("DELETE", self._path(f"/users/{systemuserid}"))
+
+    def records(self, entity_set: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._http.call("GET", self._path(f"/records/{entity_set}"))
+        return result
+
+    def add_entity(self, entity_set: str, primary_id: str,
+                   alternate_keys: list[list[str]] | None = None) -> None:
+        self._http.call("POST", self._path("/entities"), {
+            "entity_set": entity_set, "primary_id": primary_id,
+            "alternate_keys": alternate_keys if alternate_keys is not None else [["emailaddress1"]],
+        })
+
+    def delete(self) -> None:
+        self._http.call("DELETE", self._path())
+
+
+class Stack:
+    """A running stack, found through its state file."""
+
+    def __init__(self, state: Mapping[str, Any]) -> None:
+        self.state = dict(state)
+        self.control_url: str = state["control_url"]
+        self.ca_bundle: str = state["ca_bundle"]
+        self.urls: dict[str, str] = dict(state["urls"])
+        self.azurite: dict[str, str] = dict(state.get("azurite") or {})
+        self._http = _Http(self.control_url)
+
+    @classmethod
+    def from_state(cls, path_or_env: str | os.PathLike[str] | None = None) -> Stack:
+        """Reads the state file at ``path_or_env``, else at ``$DEVSTACK_STATE``."""
+        path = path_or_env if path_or_env is not None else os.environ.get("DEVSTACK_STATE")
+        if not path:
+            raise RuntimeError(
+                "no devstack state: set DEVSTACK_STATE or run under `python -m devstack exec --`")
+        return cls(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    def health(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._http.call("GET", "/health")
+        return result
+
+    def create_sandbox(self, seed: str = "default", users: int = 0,
+                       sandbox_id: str | None = None) -> SandboxClient:
+        body: dict[str, Any] = {"seed": seed, "users": users}
+        if sandbox_id is not None:
+            body["id"] = sandbox_id
+        return SandboxClient(self._http, self._http.call("POST", "/sandboxes", body))
+
+    def sandbox(self, sandbox_id: str = "default") -> SandboxClient:
+        """An existing sandbox (e.g. the fixed `default` one)."""
+        return SandboxClient(self._http, self._http.call("GET", f"/sandboxes/{sandbox_id}"))
+
+
+__all__ = ["ControlError", "SandboxClient", "Stack", "create_app", "sandbox_env"]
+

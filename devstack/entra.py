@@ -1,0 +1,184 @@
+"""Entra ID (v2.0 endpoints) for the client-credentials flow, as MSAL and azure-identity drive it.
+
+MSAL first fetches ``/{tenant}/v2.0/.well-known/openid-configuration`` (tenant discovery; 4xx there
+becomes a ValueError whose text carries the body), then POSTs the form to ``token_endpoint``.
+Errors use Entra's exact body shape, since the production code reads ``error_codes`` to tell a
+wrong secret from an expired one, an unknown app, or a wrong tenant.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+from flask import Flask, Response, jsonify, request
+
+from devstack import web
+from devstack.sandboxes import KEYVAULT_AUDIENCE, Registry, Sandbox
+
+RESERVED_SCOPES = frozenset({"openid", "profile", "offline_access"})
+GRAPH = "https://graph.microsoft.com"
+
+
+def aad_error(status: int, error: str, code: int, message: str) -> Response:
+    """An error body exactly shaped like login.microsoftonline.com's."""
+    trace_id, correlation_id = str(uuid.uuid4()), str(uuid.uuid4())
+    timestamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    description = (f"AADSTS{code}: {message}\r\nTrace ID: {trace_id}\r\n"
+                   f"Correlation ID: {correlation_id}\r\nTimestamp: {timestamp}")
+    response = jsonify({
+        "error": error,
+        "error_description": description,
+        "error_codes": [code],
+        "timestamp": timestamp,
+        "trace_id": trace_id,
+        "correlation_id": correlation_id,
+        "error_uri": f"https://login.microsoftonline.com/error?code={code}",
+    })
+    response.status_code = status
+    response.headers["Cache-Control"] = "no-store, no-cache"
+    return response
+
+
+def _tenant_not_found(tenant: str) -> Response:
+    return aad_error(
+        400, "invalid_tenant", 90002,
+        f"Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID and are signing "
+        "into the correct cloud. Check with your subscription administrator, this may happen if there "
+        "are no active subscriptions for the tenant.")
+
+
+def _known_resources(registry: Registry) -> set[str]:
+    resources = {KEYVAULT_AUDIENCE, GRAPH}
+    if "dataverse" in registry.urls:
+        resources.add(registry.urls["dataverse"].rstrip("/").lower())
+    return resources
+
+
+def _resource_of(scope_param: str) -> tuple[str | None, str | None]:
+    """(resource, None) for one ``<resource>/.default`` scope, else (None, the offending scope text)."""
+    scopes = [s for s in scope_param.split() if s not in RESERVED_SCOPES]
+    if len(scopes) != 1 or not scopes[0].endswith("/.default"):
+        return None, scope_param
+    resource = scopes[0][: -len("/.default")].rstrip("/")
+    if not resource:
+        return None, scope_param
+    return resource, None
+
+
+def create_app(registry: Registry) -> Flask:
+    app = web.create_app("devstack-entra")
+
+    def find(tenant: str) -> Sandbox | None:
+        return registry.by_tenant(tenant)
+
+    @app.get("/<tenant>/v2.0/.well-known/openid-configuration")
+    def discovery(tenant: str) -> Response:
+        sandbox = find(tenant)
+        if sandbox is None:
+            return _tenant_not_found(tenant)
+        sandbox.counters.count("entra", "GET openid-configuration")
+        faulted = web.enter(sandbox, "entra")
+        if faulted is not None:
+            return faulted
+        base = request.host_url.rstrip("/")
+        tid = sandbox.tenant_id
+        return jsonify({
+            "token_endpoint": f"{base}/{tid}/oauth2/v2.0/token",
+            "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt",
+                                                      "client_secret_basic"],
+            "jwks_uri": f"{base}/{tid}/discovery/v2.0/keys",
+            "response_modes_supported": ["query", "fragment", "form_post"],
+            "subject_types_supported": ["pairwise"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
+            "scopes_supported": ["openid", "profile", "email", "offline_access"],
+            "issuer": f"{base}/{tid}/v2.0",
+            "request_uri_parameter_supported": False,
+            "userinfo_endpoint": f"{base}/oidc/userinfo",
+            "authorization_endpoint": f"{base}/{tid}/oauth2/v2.0/authorize",
+            "device_authorization_endpoint": f"{base}/{tid}/oauth2/v2.0/devicecode",
+            "http_logout_supported": True,
+            "frontchannel_logout_supported": True,
+            "end_session_endpoint": f"{base}/{tid}/oauth2/v2.0/logout",
+            "claims_supported": ["sub", "iss", "aud", "exp", "iat", "tid", "ver", "oid"],
+            "tenant_region_scope": "EU",
+            "cloud_instance_name": "devstack.local",
+        })
+
+    @app.post("/<tenant>/oauth2/v2.0/token")
+    def token(tenant: str) -> Response:
+        sandbox = find(tenant)
+        if sandbox is None:
+            return _tenant_not_found(tenant)
+        sandbox.counters.count("entra", "POST token")
+        faulted = web.enter(sandbox, "entra")
+        if faulted is not None:
+            return faulted
+        form = request.form
+        grant_type = form.get("grant_type", "")
+        client_id = form.get("client_id", "")
+        if not grant_type:
+            return aad_error(400, "invalid_request", 900144,
+                             "The request body must contain the following parameter: 'grant_type'.")
+        if grant_type != "client_credentials":
+            return aad_error(400, "unsupported_grant_type", 70003,
+                             f"The app requested an unsupported grant type '{grant_type}'.")
+        if not client_id:
+            return aad_error(400, "invalid_request", 900144,
+                             "The request body must contain the following parameter: 'client_id'.")
+        if client_id.lower() != sandbox.client_id.lower():
+            return aad_error(
+                400, "unauthorized_client", 700016,
+                f"Application with identifier '{client_id}' was not found in the directory "
+                f"'{sandbox.tenant_id}'. This can happen if the application has not been installed by the "
+                "administrator of the tenant or consented to by any user in the tenant. You may have sent "
+                "your authentication request to the wrong tenant.")
+        scope = form.get("scope", "")
+        if not scope:
+            return aad_error(400, "invalid_request", 900144,
+                             "The request body must contain the following parameter: 'scope'.")
+        resource, bad_scope = _resource_of(scope)
+        if resource is None:
+            return aad_error(
+                400, "invalid_scope", 70011,
+                f"The provided request must include a 'scope' input parameter. The provided value for the "
+                f"input parameter 'scope' is not valid. The scope {bad_scope} is not valid.")
+        secret = form.get("client_secret")
+        if not secret:
+            return aad_error(
+                401, "invalid_client", 7000216,
+                "'client_assertion', 'client_secret' or 'request' is required for the 'client_credentials' "
+                "grant type.")
+        verdict = sandbox.check_client_secret(secret)
+        if verdict == "invalid":
+            return aad_error(
+                401, "invalid_client", 7000215,
+                "Invalid client secret provided. Ensure the secret being sent in the request is the client "
+                f"secret value, not the client secret ID, for a secret added to app '{sandbox.client_id}'.")
+        if verdict == "expired":
+            return aad_error(
+                401, "invalid_client", 7000222,
+                f"The provided client secret keys for app '{sandbox.client_id}' are expired. Visit the Azure "
+                "portal to create new keys for your app: https://aka.ms/NewClientSecret, or consider using "
+                "certificate credentials for added security: https://aka.ms/certCreds.")
+        if resource.lower() not in _known_resources(registry):
+            return aad_error(
+                400, "invalid_resource", 500011,
+                f"The resource principal named {resource} was not found in the tenant named "
+                f"{sandbox.tenant_id}. This can happen if the application has not been installed by the "
+                "administrator of the tenant or consented to by any user in the tenant. You might have sent "
+                "your authentication request to the wrong tenant.")
+        lifetime = sandbox.token_lifetime
+        access_token, _ = registry.issue_token(sandbox, resource, oid=sandbox.app_object_id,
+                                               appid=sandbox.client_id, lifetime=lifetime)
+        response = jsonify({
+            "token_type": "Bearer",
+            "expires_in": lifetime,
+            "ext_expires_in": lifetime,
+            "access_token": access_token,
+        })
+        response.headers["Cache-Control"] = "no-store, no-cache"
+        return response
+
+    return app

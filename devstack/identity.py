@@ -1,0 +1,77 @@
+"""Managed identity endpoint, App Service flavour (``IDENTITY_ENDPOINT`` + ``IDENTITY_HEADER``).
+
+Speaks what MSAL's ``_obtain_token_on_app_service`` (used by azure-identity's
+ManagedIdentityCredential) sends: ``GET ?api-version=2019-08-01&resource=...`` with
+``X-IDENTITY-HEADER``, optionally ``client_id`` / ``object_id`` / ``mi_res_id`` for a user-assigned
+identity.  Success carries ``expires_on`` as epoch seconds in a string; failures carry
+``statusCode`` / ``message`` / ``correlationId`` like the real sidecar.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from flask import Flask, Response, jsonify, request
+
+from devstack import web
+from devstack.sandboxes import Registry, Sandbox
+
+API_VERSION = "2019-08-01"
+PATH = "/msi/token"
+
+
+def _error(status: int, message: str, sandbox: Sandbox | None = None) -> Response:
+    response = jsonify({"statusCode": status, "message": message, "correlationId": str(uuid.uuid4())})
+    response.status_code = status
+    return response
+
+
+def _identity_matches(sandbox: Sandbox) -> str | None:
+    """None when the requested identity is the sandbox's, else the reason it is not."""
+    client_id = request.args.get("client_id")
+    object_id = request.args.get("object_id") or request.args.get("principal_id")
+    if client_id and client_id.lower() != sandbox.mi_client_id.lower():
+        return f"No managed identity found for client_id '{client_id}'."
+    if object_id and object_id.lower() != sandbox.mi_principal_id.lower():
+        return f"No managed identity found for object_id '{object_id}'."
+    return None
+
+
+def create_app(registry: Registry) -> Flask:
+    app = web.create_app("devstack-identity")
+
+    @app.get(PATH)
+    def token() -> Response:
+        header = request.headers.get("X-IDENTITY-HEADER", "")
+        sandbox = registry.by_identity_header(header) if header else None
+        if sandbox is None:
+            # Nothing to count against: an unknown header belongs to no sandbox.
+            if not header:
+                return _error(400, "X-IDENTITY-HEADER header is missing.")
+            return _error(401, "Invalid X-IDENTITY-HEADER header.")
+        sandbox.counters.count("identity", "GET msi")
+        faulted = web.enter(sandbox, "identity")
+        if faulted is not None:
+            return faulted
+        if request.args.get("api-version") != API_VERSION:
+            return _error(400, f"api-version must be {API_VERSION}.")
+        resource = (request.args.get("resource") or "").strip()
+        if not resource:
+            return _error(400, "Required query parameter 'resource' is missing.")
+        mismatch = _identity_matches(sandbox)
+        if mismatch:
+            return _error(400, mismatch)
+        audience = resource.rstrip("/")
+        if audience.endswith("/.default"):
+            audience = audience[: -len("/.default")]
+        access_token, expires_on = registry.issue_token(
+            sandbox, audience, oid=sandbox.mi_principal_id, appid=sandbox.mi_client_id)
+        return jsonify({
+            "access_token": access_token,
+            "expires_on": str(expires_on),
+            "resource": resource,
+            "token_type": "Bearer",
+            "client_id": sandbox.mi_client_id,
+        })
+
+    return app
