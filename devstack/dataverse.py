@@ -320,10 +320,12 @@ class Org:
             user["versionnumber"] = self._next_version()
             return self._wire_user(user)
 
-    def remove_user(self, systemuserid: str) -> bool:
+    def remove_user(self, systemuserid: str) -> None:
+        """Delete a user; KeyError if there is none (the control API answers 404)."""
         with self.lock:
+            if self._users.pop(systemuserid.lower(), None) is None:
+                raise KeyError(systemuserid)
             self._ignore_impersonation.discard(systemuserid.lower())
-            return self._users.pop(systemuserid.lower(), None) is not None
 
     def users_wire(self) -> list[dict[str, Any]]:
         """Every user in the ``systemusers`` wire shape (the application user first)."""
@@ -1167,6 +1169,8 @@ def _read_skiptoken(token: str, primary: str) -> tuple[int, str]:
     if not m:
         raise bad
     inner = unquote(unquote(m.group(2)))
+    if quote(quote(inner, safe=""), safe="") != m.group(2):
+        raise bad  # decoded or re-encoded on the way: the link was not followed verbatim
     last = re.search(rf'<{re.escape(primary)} last="\{{([^}}]*)\}}"', inner)
     if not last:
         raise bad
