@@ -746,9 +746,9 @@ class Invoker:
         except Exception as exc:
             duration = (time.monotonic() - started) * 1000
             log.error(
-                "Executed 'Functions.%s' (Failed, Id=%s, Duration=%dms)\nResult: Failure Exception: %s: %s",
-                spec.name, invocation.id, duration, type(exc).__name__, exc,
-                exc_info=not isinstance(exc, InvocationFailed),
+                "Executed 'Functions.%s' (Failed, Id=%s, Duration=%dms)\n"
+                "Result: Failure\nException: %s: %s%s",
+                spec.name, invocation.id, duration, type(exc).__name__, exc, _user_stack(exc),
             )
             if isinstance(exc, InvocationFailed):
                 raise
@@ -758,6 +758,19 @@ class Invoker:
             "Executed 'Functions.%s' (Succeeded, Id=%s, Duration=%dms)", spec.name, invocation.id, duration
         )
         return invocation
+
+
+def _user_stack(exc: BaseException) -> str:
+    """The traceback frames outside the host and the thread pool (what the real host prints as Stack)."""
+    import traceback
+
+    frames = [
+        frame for frame in traceback.extract_tb(exc.__traceback__)
+        if frame.filename != __file__ and "concurrent" not in Path(frame.filename).parts
+    ]
+    if not frames:
+        return ""
+    return "\nStack: " + "".join(traceback.format_list(frames)).rstrip()
 
 
 def _queue_messages(value: Any) -> Iterator[str | bytes]:
@@ -1186,6 +1199,7 @@ class HostOptions:
     script_root: Path = field(default_factory=Path.cwd)
     settings_file: Path | None = None
     ready_file: Path | None = None
+    app_object: Any = None  # a FunctionApp to serve instead of importing ``app`` (tests)
 
 
 def load_app(module_spec: str, script_root: Path) -> Any:
@@ -1250,7 +1264,10 @@ class Host:
         self._storage_lock = threading.Lock()
         self._requests = 0
         self._requests_done = threading.Condition()
-        self.specs = index_functions(load_app(options.app, self.script_root), self.environ)
+        app = options.app_object
+        if app is None:
+            app = load_app(options.app, self.script_root)
+        self.specs = index_functions(app, self.environ)
         for spec in self.specs:
             if spec.error:
                 self.errors.append(spec.error)

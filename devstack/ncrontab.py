@@ -28,7 +28,7 @@ _FIELDS: tuple[tuple[str, int, int, tuple[str, ...]], ...] = (
     ("day-of-week", 0, 6, _DAYS),
 )
 _TIMESPAN = re.compile(r"^(?:(\d+)\.)?(\d{1,2}):(\d{1,2})(?::(\d{1,2}))?$")
-_SEARCH_YEARS = 5
+_SEARCH_YEARS = 50  # a weekday falls on a given date again within 28 years (Feb 29: 28)
 
 
 class ScheduleError(ValueError):
