@@ -131,6 +131,33 @@ class Table:
     alternate_keys: list[tuple[str, ...]]
     metadata_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # alternate key -> normalised key values -> record id (Dataverse backs each key with a unique index)
+    indexes: dict[tuple[str, ...], dict[tuple[object, ...], str]] = field(default_factory=dict)
+
+    def key_values(self, key: tuple[str, ...], record: Mapping[str, Any]) -> tuple[object, ...] | None:
+        values = tuple(_norm_key(record.get(a)) for a in key)
+        return None if any(v is None for v in values) else values
+
+    def holder(self, key: tuple[str, ...], values: tuple[object, ...]) -> str | None:
+        return self.indexes.get(key, {}).get(values)
+
+    def index_add(self, record: Mapping[str, Any]) -> None:
+        for key in self.alternate_keys:
+            values = self.key_values(key, record)
+            if values is not None:
+                self.indexes.setdefault(key, {}).setdefault(values, record[self.primary_id])
+
+    def index_remove(self, record: Mapping[str, Any]) -> None:
+        for key in self.alternate_keys:
+            values = self.key_values(key, record)
+            index = self.indexes.get(key, {})
+            if values is not None and index.get(values) == record[self.primary_id]:
+                del index[values]
+
+    def reindex(self) -> None:
+        self.indexes = {key: {} for key in self.alternate_keys}
+        for record in self.records.values():
+            self.index_add(record)
 
     def definition(self) -> dict[str, Any]:
         return {
@@ -162,6 +189,7 @@ class Limits:
 class _Entry:
     at: float
     ms: float = 0.0
+    trimmed: bool = False
 
 
 @dataclass
@@ -190,6 +218,7 @@ class Org:
         self.dop_hint = 4
         self.limits = Limits()
         self._window: deque[_Entry] = deque()
+        self._used_ms = 0.0  # running sum of the window's execution times
         self._in_flight = 0
         self._version = 1_000_000
         self._users: dict[str, dict[str, Any]] = {}
@@ -353,6 +382,7 @@ class Org:
             existing = self.tables.get(entity_set)
             if existing is not None:
                 existing.alternate_keys = keys
+                existing.reindex()
                 return
             self.tables[entity_set] = Table(entity_set, primary_id[:-2], primary_id, keys)
 
@@ -394,7 +424,10 @@ class Org:
                 self.limits.concurrent = int(concurrent)
             if dop_hint is not None:
                 self.dop_hint = int(dop_hint)
+            for entry in self._window:
+                entry.trimmed = True
             self._window.clear()
+            self._used_ms = 0.0
             return {**self.limits.__dict__, "dop_hint": self.dop_hint}
 
     def set_privilege(self, impersonation: bool) -> None:
@@ -418,7 +451,9 @@ class Org:
     def _trim(self, now: float) -> None:
         horizon = now - self.limits.window_seconds
         while self._window and self._window[0].at <= horizon:
-            self._window.popleft()
+            entry = self._window.popleft()
+            entry.trimmed = True
+            self._used_ms -= entry.ms
 
     def admit(self, concurrent_at_arrival: int) -> _Entry:
         """Admit a request into the window or raise the 429 Dataverse would answer (not executed)."""
@@ -440,7 +475,7 @@ class Org:
                     f"{_seconds(limits.window_seconds)} seconds.",
                     wait,
                 )
-            used = sum(e.ms for e in self._window)
+            used = self._used_ms
             if used >= limits.execution_ms:
                 wait = self._window[-1].at + limits.window_seconds - now
                 for entry in self._window:
@@ -462,12 +497,14 @@ class Org:
     def finish(self, entry: _Entry, started: float) -> None:
         with self.lock:
             entry.ms = (time.monotonic() - started) * 1000.0
+            if not entry.trimmed:
+                self._used_ms += entry.ms
 
     def remaining(self) -> tuple[int, float]:
         """(requests, execution ms) left in the window: the x-ms-ratelimit-* debugging headers."""
         with self.lock:
             self._trim(time.monotonic())
-            used = sum(e.ms for e in self._window)
+            used = self._used_ms
             return max(self.limits.requests - len(self._window), 0), max(self.limits.execution_ms - used, 0.0)
 
     # --- callers (for the app) ------------------------------------------------------------------
@@ -522,28 +559,23 @@ class Org:
         with self.lock:
             if isinstance(key, str):
                 return table.records.get(key)
-            wanted = {a: _norm_key(v) for a, v in key.items()}
-            for record in table.records.values():
-                if all(_norm_key(record.get(a)) == v for a, v in wanted.items()):
-                    return record
-            return None
+            defined = table.key_for(set(key))
+            if defined is None:
+                return None
+            rid = table.holder(defined, tuple(_norm_key(key[a]) for a in defined))
+            return table.records.get(rid) if rid is not None else None
 
     def _check_unique(self, table: Table, record: Mapping[str, Any]) -> None:
         for key in table.alternate_keys:
-            values = [record.get(a) for a in key]
-            if any(v is None for v in values):
-                continue
-            normed = [_norm_key(v) for v in values]
-            for other in table.records.values():
-                if other[table.primary_id] == record[table.primary_id]:
-                    continue
-                if [_norm_key(other.get(a)) for a in key] == normed:
-                    raise DataverseError(
-                        412,
-                        CODE_DUPLICATE_KEY,
-                        f"Entity Key {table.key_name(key)} violated. A record with the same value for "
-                        f"{','.join(key)} already exists. A duplicate record cannot be created.",
-                    )
+            values = table.key_values(key, record)
+            holder = table.holder(key, values) if values is not None else None
+            if holder is not None and holder != record[table.primary_id]:
+                raise DataverseError(
+                    412,
+                    CODE_DUPLICATE_KEY,
+                    f"Entity Key {table.key_name(key)} violated. A record with the same value for "
+                    f"{','.join(key)} already exists. A duplicate record cannot be created.",
+                )
 
     def create(
         self, table: Table, data: Mapping[str, Any], caller: Caller, record_id: str | None
@@ -570,6 +602,7 @@ class Org:
             )
             self._check_unique(table, record)
             table.records[rid] = record
+            table.index_add(record)
             return dict(record)
 
     def update(
@@ -589,12 +622,15 @@ class Org:
                 }
             )
             self._check_unique(table, candidate)
+            table.index_remove(record)
             record.clear()
             record.update(candidate)
+            table.index_add(record)
             return dict(record)
 
     def delete(self, table: Table, record: Mapping[str, Any]) -> None:
         with self.lock:
+            table.index_remove(record)
             table.records.pop(record[table.primary_id], None)
 
 

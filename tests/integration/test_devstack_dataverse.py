@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import http.cookiejar
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -422,6 +423,7 @@ def test_disabled_user_is_refused(dv: Dataverse) -> None:
 
 def test_request_limit_answers_429_with_retry_after_and_does_not_execute(dv: Dataverse) -> None:
     dv.sandbox.set_limits(requests=3, window_seconds=20)
+    started = time.monotonic()
     for n in range(3):
         assert dv.call("POST", "leads", json={"subject": str(n)}).status_code == 204
     throttled = dv.call("POST", "leads", json={"subject": "over"})
@@ -430,7 +432,9 @@ def test_request_limit_answers_429_with_retry_after_and_does_not_execute(dv: Dat
         "code": "0x80072322",
         "message": "Number of requests exceeded the limit of 3 over time window of 20 seconds.",
     }
-    assert 19 <= int(throttled.headers["Retry-After"]) <= 20
+    # Accurate: the oldest counted request leaves the window 20 s after it was admitted.
+    expected = 20 - (time.monotonic() - started)
+    assert abs(int(throttled.headers["Retry-After"]) - expected) <= 1.5
     assert len(dv.sandbox.records("leads")) == 3
     assert dv.sandbox.counters()["dataverse"]["status:429"] == 1
 
@@ -450,15 +454,20 @@ def test_execution_time_limit(dv: Dataverse) -> None:
 
 def test_concurrency_limit_counts_requests_in_flight(dv: Dataverse) -> None:
     dv.sandbox.set_limits(concurrent=1)
-    dv.sandbox.set_latency("dataverse", 0.5)
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        statuses = sorted(pool.map(lambda _: dv.call("GET", "WhoAmI"), range(3)), key=lambda r: r.status_code)
-    assert [r.status_code for r in statuses] == [200, 429, 429]
-    assert error_of(statuses[1]) == {
+    dv.sandbox.set_latency("dataverse", 1.0)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(dv.call, "GET", "WhoAmI")
+        # The request is counted on arrival, before its latency: from then on it is in flight.
+        while dv.sandbox.counters()["dataverse"].get("GET WhoAmI", 0) < 1:
+            assert not first.done()
+        second = dv.call("GET", "WhoAmI")
+        assert first.result().status_code == 200
+    assert second.status_code == 429
+    assert error_of(second) == {
         "code": "0x80072326",
         "message": "Number of concurrent requests exceeded the limit of 1.",
     }
-    assert statuses[1].headers["Retry-After"] == "1"
+    assert second.headers["Retry-After"] == "1"
 
 
 # --- faults -------------------------------------------------------------------------------------------
