@@ -15,7 +15,7 @@ import typing
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import azure.functions as func
 
@@ -26,6 +26,9 @@ from shared.errors import ActorError, ConfigurationError, SyncError
 from shared.jobs import is_email_address, process_message
 from shared.reconciliation import ROSTER_PATH, SNAPSHOT_PATH, run_reconciliation
 from shared.webhooks import error_body, handle_webhook
+
+if TYPE_CHECKING:
+    from shared.runtime import Runtime
 
 logs.install()
 log = logging.getLogger("function_app")
@@ -74,7 +77,7 @@ def _guarded(name: str, handler: Callable[[], func.HttpResponse]) -> func.HttpRe
         return _error(500, "internal_error", f"unexpected error; the function's log has incident {incident}")
 
 
-def _runtime() -> Any:
+def _runtime() -> "Runtime":
     from shared.runtime import get_runtime
 
     return get_runtime()

@@ -295,7 +295,7 @@ def run_diagnostics(
     walk.run("dataverse_whoami", whoami_step)
     walk.run("impersonation", impersonation_step)
     runtime = state.get("runtime")
-    close = getattr(getattr(runtime, "secrets", None), "close", None)
+    close = getattr(runtime, "close", None)
     if callable(close):
         close()
     return {"ok": all(step["ok"] for step in walk.steps), "steps": walk.steps}
