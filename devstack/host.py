@@ -616,14 +616,26 @@ def _make_context(invocation_id: str, spec: FunctionSpec, script_root: Path) -> 
         exception = None  # type: ignore[assignment]
 
     class _Context(func.Context):
-        invocation_id = invocation_id
         thread_local_storage = threading.local
-        function_name = spec.name
-        function_directory = str(script_root)
         trace_context = _Trace()
         retry_context = _Retry()
 
-    return _Context()
+        def __init__(self, invocation: str, name: str, directory: str) -> None:
+            self._invocation, self._name, self._directory = invocation, name, directory
+
+        @property
+        def invocation_id(self) -> str:
+            return self._invocation
+
+        @property
+        def function_name(self) -> str:
+            return self._name
+
+        @property
+        def function_directory(self) -> str:
+            return self._directory
+
+    return _Context(invocation_id, spec.name, str(script_root))
 
 
 def _type_kind(annotation: Any) -> str:
