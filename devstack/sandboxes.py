@@ -93,7 +93,10 @@ class Fault:
         if self.service not in SERVICES:
             raise ValueError(f"unknown service {self.service!r}; one of {', '.join(SERVICES)}")
         if self.path_regex is not None:
-            re.compile(self.path_regex)
+            try:
+                re.compile(self.path_regex)
+            except re.error as error:
+                raise ValueError(f"path is not a valid regular expression: {error}") from None
         if self.times == 0 or self.times < -1:
             raise ValueError("times must be a positive count or -1 (forever)")
 
