@@ -1076,12 +1076,12 @@ class QueueListener:
             self._done()
 
     def _poison(self, message: QueueMessage, wire_text: str) -> None:
-        log.warning(
-            "Message has reached MaxDequeueCount of %d. Moving message to queue '%s'.",
-            self.options.max_dequeue_count, self.poison_name,
-        )
         self.storage.send(self.poison_name, wire_text, time_to_live=-1)
         self._delete(message)
+        log.warning(
+            "Message has reached MaxDequeueCount of %d. Moved message %s to queue '%s'.",
+            self.options.max_dequeue_count, message.id, self.poison_name,
+        )
 
     def _delete(self, message: QueueMessage) -> None:
         from azure.core.exceptions import HttpResponseError
@@ -1097,10 +1097,10 @@ class QueueListener:
         wire = str(message.content or "")
         body = decode_message(wire, self.options.message_encoding)
         if body is None:
-            log.warning("Message %s on '%s' is not valid base64: moving it to '%s' as it is.",
-                        message.id, self.queue_name, self.poison_name)
             self.storage.send(self.poison_name, wire, time_to_live=-1)
             self._delete(message)
+            log.warning("Message %s on '%s' is not valid base64: moved it to '%s' as it is.",
+                        message.id, self.queue_name, self.poison_name)
             return
         dequeue_count = int(message.dequeue_count or 1)
         if dequeue_count > self.options.max_dequeue_count:
