@@ -218,12 +218,12 @@ def create_app(registry: Registry) -> Flask:
     @app.put("/sandboxes/<sandbox_id>/limits")
     def set_limits(sandbox_id: str) -> Response:
         body = _body()
-        allowed = {"requests", "window_seconds", "execution_ms", "concurrent"}
+        allowed = {"requests", "window_seconds", "execution_ms", "concurrent", "dop_hint"}
         unknown = set(body) - allowed
         if unknown:
             raise _Problem(400, f"unknown limits: {sorted(unknown)}")
-        _org_call(sandbox_or_404(sandbox_id), "set_limits", **body)
-        return ok()
+        limits = _org_call(sandbox_or_404(sandbox_id), "set_limits", **body)
+        return jsonify(limits if isinstance(limits, dict) else {"ok": True})
 
     @app.put("/sandboxes/<sandbox_id>/privilege")
     def set_privilege(sandbox_id: str) -> Response:
@@ -349,10 +349,14 @@ class SandboxClient:
         self._http.call("PUT", self._path(f"/latency/{service}"), {"seconds": seconds})
 
     def set_limits(self, requests: int | None = None, window_seconds: float | None = None,
-                   execution_ms: int | None = None, concurrent: int | None = None) -> None:
+                   execution_ms: int | None = None, concurrent: int | None = None,
+                   dop_hint: int | None = None) -> dict[str, Any]:
+        """Service-protection limits (None keeps a value); returns the limits now in force."""
         limits = {"requests": requests, "window_seconds": window_seconds, "execution_ms": execution_ms,
-                  "concurrent": concurrent}
-        self._http.call("PUT", self._path("/limits"), {k: v for k, v in limits.items() if v is not None})
+                  "concurrent": concurrent, "dop_hint": dop_hint}
+        result: dict[str, Any] = self._http.call(
+            "PUT", self._path("/limits"), {k: v for k, v in limits.items() if v is not None})
+        return result
 
     def set_secret(self, name: str, value: str) -> str:
         """Adds a new Key Vault version; returns its version id."""

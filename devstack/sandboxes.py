@@ -74,8 +74,9 @@ class Counters:
 class Fault:
     """One scripted misbehaviour; ``times == -1`` repeats forever.
 
-    ``status``/``body``/``raw_body``/``headers`` replace the answer, ``delay`` sleeps first
-    (alone it only slows the normal answer down), ``drop`` resets the TCP connection.
+    ``status``/``body``/``raw_body``/``headers`` replace the answer (status 500 unless given),
+    ``delay`` sleeps first (alone it only slows the normal answer down), ``drop`` resets the TCP
+    connection without any answer.
     """
 
     service: str

@@ -294,3 +294,11 @@ def test_revoked_managed_identity_token_is_refused_by_key_vault(sandbox: Sandbox
 
     sandbox.revoke_tokens()
     assert requests.get(url, headers=headers, timeout=10).status_code == 401
+
+
+def test_managed_identity_errors_reach_the_sdk_caller(sandbox_env: SandboxClient,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IDENTITY_HEADER", "not-a-sandbox")
+    with pytest.raises(ClientAuthenticationError) as caught:
+        ManagedIdentityCredential().get_token(VAULT_SCOPE)
+    assert "Invalid X-IDENTITY-HEADER" in caught.value.message
