@@ -228,7 +228,8 @@ def test_secret_client_reads_the_seeded_secrets_with_managed_identity(sandbox_en
 
     # The Key Vault copy is the secret Entra accepts: the production path works end to end.
     assert token_request(sandbox_env, client_secret=secret.value or "").status_code == 200
-    assert (secret.id or "").startswith(f"{sandbox_env.env['KEY_VAULT_URL']}/secrets/dataverse-client-secret/")
+    vault = sandbox_env.env["KEY_VAULT_URL"]
+    assert (secret.id or "").startswith(f"{vault}/secrets/dataverse-client-secret/")
     assert secret.properties.enabled is True
     assert client.get_secret(sandbox_env.env["WEBHOOK_SECRET_NAME"]).value
     counters = sandbox_env.counters()
