@@ -42,29 +42,30 @@ def _start_stack(tmp: Path) -> tuple[subprocess.Popen[str], Path]:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     state = os.environ.get("DEVSTACK_STATE")
-    if state:
-        yield Stack.from_state(state)
-        return
-    process, state_path = _start_stack(tmp_path_factory.mktemp("devstack"))
-    previous = os.environ.get("REQUESTS_CA_BUNDLE")
+    process: subprocess.Popen[str] | None = None
+    if not state:
+        process, state_path = _start_stack(tmp_path_factory.mktemp("devstack"))
+        state = str(state_path)
+    saved = {name: os.environ.get(name) for name in ("DEVSTACK_STATE", "REQUESTS_CA_BUNDLE")}
     try:
-        stack = Stack.from_state(state_path)
+        stack = Stack.from_state(state)
         # Like `devstack exec`: whatever the tests build (SDK clients, sessions) trusts the stack's CA.
+        os.environ["DEVSTACK_STATE"] = state
         os.environ["REQUESTS_CA_BUNDLE"] = stack.ca_bundle
-        os.environ["DEVSTACK_STATE"] = str(state_path)
         yield stack
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        os.environ.pop("DEVSTACK_STATE", None)
-        if previous is None:
-            os.environ.pop("REQUESTS_CA_BUNDLE", None)
-        else:
-            os.environ["REQUESTS_CA_BUNDLE"] = previous
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        if process is not None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 @pytest.fixture
