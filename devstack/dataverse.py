@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -79,6 +79,19 @@ SYSTEMUSER_FIELDS = (
     "createdon",
     "modifiedon",
 )
+SYSTEMUSER_TYPES = {
+    "systemuserid": "Edm.Guid",
+    "azureactivedirectoryobjectid": "Edm.Guid",
+    "applicationid": "Edm.Guid",
+    "_businessunitid_value": "Edm.Guid",
+    "isdisabled": "Edm.Boolean",
+    "accessmode": "Edm.Int32",
+    "createdon": "Edm.DateTimeOffset",
+    "modifiedon": "Edm.DateTimeOffset",
+    **dict.fromkeys(
+        ("internalemailaddress", "fullname", "firstname", "lastname", "domainname"), "Edm.String"
+    ),
+}
 SYSTEM_FIELDS = (
     "createdon",
     "modifiedon",
@@ -169,6 +182,16 @@ class Table:
             "PrimaryNameAttribute": "fullname" if self.logical_name == "contact" else "name",
             "LogicalCollectionName": self.entity_set,
         }
+
+    def type_of(self, name: str) -> str | None:
+        """Edm types the emulator knows for sure: ids, lookups, system fields (the rest is open)."""
+        if name == self.primary_id or (name.startswith("_") and name.endswith("_value")):
+            return "Edm.Guid"
+        if name in ("createdon", "modifiedon"):
+            return "Edm.DateTimeOffset"
+        if name == "versionnumber":
+            return "Edm.Int64"
+        return None
 
     def key_for(self, attributes: set[str]) -> tuple[str, ...] | None:
         return next((k for k in self.alternate_keys if set(k) == attributes), None)
@@ -743,7 +766,9 @@ class _Request:
             405, CODE_ODATA, f"The requested resource does not support http method '{self.method}'."
         )
 
-    def query(self, known: set[str] | None, type_name: str) -> _Query:
+    def query(
+        self, known: set[str] | None, type_name: str, type_of: Callable[[str], str | None] | None = None
+    ) -> _Query:
         args = request.args
         for name in args:
             if name in (
@@ -764,6 +789,8 @@ class _Request:
         try:
             select = odata.parse_select(args["$select"]) if "$select" in args else None
             expr = odata.parse_filter(args["$filter"]) if "$filter" in args else None
+            if expr is not None and type_of is not None:
+                odata.check_types(expr, type_of)
         except odata.ODataSyntaxError as err:
             raise DataverseError(400, err.code, err.message) from err
         if known is not None:
@@ -871,7 +898,7 @@ class _Request:
             raise DataverseError(
                 404, CODE_SEGMENT, f"Resource not found for the segment '{self.resource.rest}'."
             )
-        q = self.query(set(SYSTEMUSER_FIELDS), "Microsoft.Dynamics.CRM.systemuser")
+        q = self.query(set(SYSTEMUSER_FIELDS), "Microsoft.Dynamics.CRM.systemuser", SYSTEMUSER_TYPES.get)
         rows = self.org.user_rows()
         if self.resource.key is None:
             return self.collection(rows, q, "systemuserid", "systemusers")
@@ -979,7 +1006,7 @@ class _Request:
             if self.method == "GET":
                 return self.collection(
                     self.org.records(table.entity_set),
-                    self.query(None, ""),
+                    self.query(None, "", table.type_of),
                     table.primary_id,
                     table.entity_set,
                 )

@@ -22,7 +22,7 @@ Supported ``$filter`` grammar (keywords are lower case, as the OData parser requ
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import unquote
@@ -302,6 +302,66 @@ def properties(expr: Expr) -> set[str]:
     if isinstance(expr, Not):
         return properties(expr.inner)
     return properties(expr.left) | properties(expr.right)
+
+
+_OPERATOR_KINDS = {
+    "eq": "Equal",
+    "ne": "NotEqual",
+    "gt": "GreaterThan",
+    "ge": "GreaterThanOrEqual",
+    "lt": "LessThan",
+    "le": "LessThanOrEqual",
+}
+_NUMERIC_TYPES = frozenset({"Edm.Int32", "Edm.Int64", "Edm.Decimal", "Edm.Double"})
+
+
+def _literal_type(value: Value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "Edm.Boolean"
+    if isinstance(value, int):
+        return "Edm.Int32"
+    if isinstance(value, float):
+        return "Edm.Double"
+    if isinstance(value, Guid):
+        return "Edm.Guid"
+    if isinstance(value, datetime):
+        return "Edm.DateTimeOffset"
+    return "Edm.String"
+
+
+def check_types(expr: Expr, type_of: Callable[[str], str | None]) -> None:
+    """Refuse comparisons the OData parser refuses, e.g. a GUID property against a quoted string.
+
+    ``type_of`` gives a property's Edm type name, None for unchecked ones.  A quoted GUID
+    (``systemuserid eq '…'``) is the classic client bug this catches.
+    """
+    if isinstance(expr, And | Or):
+        check_types(expr.left, type_of)
+        check_types(expr.right, type_of)
+        return
+    if isinstance(expr, Not):
+        check_types(expr.inner, type_of)
+        return
+    prop_type = type_of(expr.prop)
+    literal_type = _literal_type(expr.value)
+    if isinstance(expr, Function):
+        if (prop_type is not None and prop_type != "Edm.String") or literal_type not in (None, "Edm.String"):
+            raise ODataSyntaxError(
+                f"No function signature for the function with name '{expr.name}' matches the specified "
+                f"arguments. The function signatures considered are: {expr.name}(Edm.String Nullable=true, "
+                "Edm.String Nullable=true)."
+            )
+        return
+    if prop_type is None or literal_type is None or prop_type == literal_type:
+        return
+    if prop_type in _NUMERIC_TYPES and literal_type in _NUMERIC_TYPES:
+        return
+    raise ODataSyntaxError(
+        "A binary operator with incompatible types was detected. Found operand types "
+        f"'{prop_type}' and '{literal_type}' for operator kind '{_OPERATOR_KINDS[expr.op]}'."
+    )
 
 
 def _norm(value: object) -> object:

@@ -231,6 +231,11 @@ def test_user_by_id_and_unknown_properties(dv: Dataverse) -> None:
     assert error_of(bad)["message"] == (
         "Could not find a property named 'emailaddress' on type 'Microsoft.Dynamics.CRM.systemuser'."
     )
+    quoted_guid = dv.call(
+        "GET", "systemusers", params={"$filter": f"systemuserid eq '{jane['systemuserid']}'"}
+    )
+    assert quoted_guid.status_code == 400
+    assert "incompatible types" in error_of(quoted_guid)["message"]
     segment = dv.call("GET", "Contacts")
     assert segment.status_code == 404
     assert error_of(segment) == {

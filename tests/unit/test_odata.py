@@ -20,6 +20,7 @@ from devstack.odata import (
     Not,
     ODataSyntaxError,
     Or,
+    check_types,
     decode_path,
     evaluate,
     key_value_text,
@@ -239,3 +240,31 @@ def test_select() -> None:
     for bad in ["", "a,,b", "a/b", "*x"]:
         with pytest.raises(ODataSyntaxError):
             parse_select(bad)
+
+
+TYPES = {
+    "systemuserid": "Edm.Guid",
+    "isdisabled": "Edm.Boolean",
+    "accessmode": "Edm.Int32",
+    "internalemailaddress": "Edm.String",
+}
+
+
+def test_type_check_refuses_a_quoted_guid_like_the_odata_parser() -> None:
+    guid = "5f0e4e4d-0000-4000-8000-0000000000aa"
+    check_types(
+        parse_filter(f"systemuserid eq {guid} and accessmode eq 4.0 and isdisabled ne null"), TYPES.get
+    )
+    with pytest.raises(ODataSyntaxError) as err:
+        check_types(parse_filter(f"isdisabled eq false and systemuserid eq '{guid}'"), TYPES.get)
+    assert err.value.message == (
+        "A binary operator with incompatible types was detected. Found operand types 'Edm.Guid' and "
+        "'Edm.String' for operator kind 'Equal'."
+    )
+    with pytest.raises(
+        ODataSyntaxError, match=r"'Edm\.Boolean' and 'Edm\.Int32' for operator kind 'NotEqual'"
+    ):
+        check_types(parse_filter("not (isdisabled ne 0)"), TYPES.get)
+    with pytest.raises(ODataSyntaxError, match="No function signature for the function with name 'contains'"):
+        check_types(parse_filter("contains(systemuserid,'5f')"), TYPES.get)
+    check_types(parse_filter("unknown eq 'x' or startswith(internalemailaddress,'a')"), TYPES.get)
