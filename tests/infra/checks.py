@@ -1,0 +1,467 @@
+"""What infra/ must guarantee, one check per concern, each a plain function that raises AssertionError.
+
+The tests run every check on the real templates (it must pass) and on mutated copies (it must fail),
+so a check that stopped looking would be caught too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from shared.settings import SETTINGS
+from tests.infra.bicep import Infra, Template, accessor_chain, call, identifiers
+
+ROLES = {
+    "Key Vault Secrets User": "4633458b-17de-408a-b874-0445c86b69e6",
+    "Key Vault Secrets Officer": "b86a8fe4-44ce-4948-aee5-eccb2c155cd7",
+    "Storage Blob Data Owner": "b7e6dc6d-f1e8-4753-8033-0f276bb0955b",
+    "Storage Blob Data Contributor": "ba92f5b4-2d11-453d-a403-e96b0029c9fe",
+    "Storage Queue Data Contributor": "974c5e8b-45b9-4653-ba55-5f855dd0fb88",
+    "Storage Table Data Contributor": "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3",
+    "Monitoring Metrics Publisher": "3913510d-42f4-4e42-8a64-420c390055eb",
+}
+VAULT = "Microsoft.KeyVault/vaults"
+STORAGE = "Microsoft.Storage/storageAccounts"
+APP_INSIGHTS = "Microsoft.Insights/components"
+
+# Exactly these, no more: (role, type of the resource it is scoped to).
+APP_IDENTITY_ROLES = {
+    (ROLES["Key Vault Secrets User"], VAULT),
+    (ROLES["Storage Blob Data Owner"], STORAGE),
+    (ROLES["Storage Queue Data Contributor"], STORAGE),
+    (ROLES["Storage Table Data Contributor"], STORAGE),
+    (ROLES["Monitoring Metrics Publisher"], APP_INSIGHTS),
+}
+DEPLOYER_ROLES = {
+    (ROLES["Key Vault Secrets Officer"], VAULT),
+    (ROLES["Storage Blob Data Contributor"], STORAGE),
+    (ROLES["Storage Queue Data Contributor"], STORAGE),
+}
+
+# Settings the Functions host reads (not the app's code) and Flex Consumption requires or allows.
+HOST_SETTINGS = {
+    "AzureWebJobsStorage__credential",
+    "AzureWebJobsStorage__clientId",
+    "AzureWebJobsStorage__blobServiceUri",
+    "AzureWebJobsStorage__queueServiceUri",
+    "AzureWebJobsStorage__tableServiceUri",
+    "APPLICATIONINSIGHTS_CONNECTION_STRING",
+    "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
+}
+# Rejected or meaningless on Flex Consumption, or a shared-key connection string.
+FORBIDDEN_SETTINGS = {
+    "FUNCTIONS_WORKER_RUNTIME",
+    "FUNCTIONS_EXTENSION_VERSION",
+    "WEBSITE_RUN_FROM_PACKAGE",
+    "WEBSITE_CONTENTAZUREFILECONNECTIONSTRING",
+    "WEBSITE_CONTENTSHARE",
+    "AzureWebJobsStorage",
+}
+# Public cloud: azure-identity's default authority is right, so the setting stays unset.
+LEFT_UNSET = {"AZURE_AUTHORITY_HOST"}
+
+
+def _key(name: str) -> str:
+    """pycep keeps the quotes of a quoted object key: "'azd-service-name'" -> "azd-service-name"."""
+    return name[1:-1] if len(name) > 1 and name[0] == name[-1] == "'" else name
+
+
+def _main_source(infra: Infra, module: str, param: str) -> object:
+    """The expression main.bicep passes as ``param`` to the module deployed from ``modules/<module>``."""
+    symbol = infra.module_symbol(module)
+    params = infra.main.module_params(symbol)
+    assert param in params, f"main.bicep does not pass {param} to {module}.bicep"
+    return params[param]
+
+
+def _from_module_output(infra: Infra, expr: object, module: str, output: str) -> bool:
+    return accessor_chain(expr) == [infra.module_symbol(module), "outputs", output]
+
+
+def storage(infra: Infra) -> None:
+    t = infra["storage"]
+    account = t.resource(STORAGE)
+    assert account.get("properties.allowSharedKeyAccess") is False, "shared keys must be off (Entra only)"
+    assert account.get("properties.allowBlobPublicAccess") is False, "anonymous blob access must be off"
+    assert account.get("properties.minimumTlsVersion") == "TLS1_2", "minimum TLS must be 1.2"
+    assert account.get("properties.supportsHttpsTrafficOnly") is True, "HTTPS only"
+    assert account.get("properties.defaultToOAuthAuthentication") is True
+
+    containers = t.resources(f"{STORAGE}/blobServices/containers")
+    names = {c.get("name") for c in containers}
+    assert names == {"deploymentContainerName", "reconciliation"}, f"blob containers: {names}"
+    for container in containers:
+        assert container.get("properties.publicAccess") == "None", f"{container.symbol} must be private"
+    assert _main_source(infra, "storage", "deploymentContainerName") == "deploymentContainerName"
+    deployment_value = (
+        infra["functionapp"]
+        .resource("Microsoft.Web/sites")
+        .get("properties.functionAppConfig.deployment.storage.value")
+    )
+    assert deployment_value == "${blobEndpoint}${deploymentContainerName}"
+    assert _from_module_output(
+        infra,
+        _main_source(infra, "functionapp", "deploymentContainerName"),
+        "storage",
+        "deploymentContainerName",
+    )
+
+    queues = t.resource(f"{STORAGE}/queueServices/queues")
+    assert queues.loop is not None, "queues are declared with one loop over queueNames"
+    queue_names = t.value(queues.loop["detail"]["array_name"])
+    assert queue_names == ["syncQueueName", "${syncQueueName}-poison", "${syncQueueName}-deadletter"], (
+        f"queues: {queue_names}"
+    )
+    assert queues.get("name") == queues.loop["detail"]["item_name"]
+    # One main parameter feeds both the queues and the app's SYNC_QUEUE_NAME.
+    assert _main_source(infra, "storage", "syncQueueName") == "syncQueueName"
+    assert _main_source(infra, "functionapp", "syncQueueName") == "syncQueueName"
+    assert infra.main.default("syncQueueName") == "dynamics-sync"
+
+
+def key_vault(infra: Infra) -> None:
+    t = infra["keyvault"]
+    vault = t.resource(VAULT)
+    assert vault.get("properties.enableRbacAuthorization") is True, "RBAC authorization, no access policies"
+    assert vault.get("properties.enableSoftDelete") is True
+    assert vault.get("properties.softDeleteRetentionInDays") == 90
+    assert vault.get("properties.enablePurgeProtection") is True
+    assert vault.get("properties.accessPolicies") is None
+    acls = vault.get("properties.networkAcls")
+    assert acls["bypass"] == "AzureServices"
+    assert acls["defaultAction"] == "networkDefaultAction", "the firewall's default is a parameter"
+    assert set(t.allowed("networkDefaultAction") or []) == {"Deny", "Allow"}
+    assert t.default("networkDefaultAction") == "Deny"
+    assert "allowedIpAddresses" in identifiers(acls["ipRules"])
+    assert "appSubnetId" in identifiers(acls["virtualNetworkRules"])
+    assert _main_source(infra, "keyvault", "networkDefaultAction") == "keyVaultNetworkDefaultAction"
+    assert infra.main.default("keyVaultNetworkDefaultAction") == "Deny", "deny by default"
+
+    secrets = t.resources(f"{VAULT}/secrets")
+    assert {s.get("name") for s in secrets} == {"clientSecretName", "webhookSecretName"}
+    for secret in secrets:
+        value = secret.get("properties.value")
+        assert isinstance(value, str) and value in t.parameters and t.is_secure(value), (
+            f"{secret.symbol}: its value must come straight from a @secure() parameter"
+        )
+        assert secret.condition is not None and value in identifiers(secret.condition), (
+            f"{secret.symbol} must be written only when {value} is given"
+        )
+        assert t.default(value) == "", f"{value} must be optional"
+    for name in ("dataverseClientSecret", "webhookSigningSecret"):
+        assert infra.main.is_secure(name) and infra.main.default(name) == ""
+        assert _main_source(infra, "keyvault", name) == name
+
+
+def virtual_network(infra: Infra) -> None:
+    """A vault that denies by default must still admit the app: through its subnet's service endpoint."""
+    main = infra.main
+    assert main.variables["vnetIntegration"] == {
+        "operator": {
+            "type": "equals",
+            "operands": {"operand_1": "keyVaultNetworkDefaultAction", "operand_2": "Deny"},
+        }
+    }
+    network = infra.module_symbol("network")
+    assert main.modules[network]["config"].get("condition") == "vnetIntegration"
+    vnet = infra["network"].resource("Microsoft.Network/virtualNetworks")
+    (subnet,) = vnet.get("properties.subnets")
+    props = subnet["properties"]
+    assert [d["properties"]["serviceName"] for d in props["delegations"]] == ["Microsoft.App/environments"]
+    assert [e["service"] for e in props["serviceEndpoints"]] == ["Microsoft.KeyVault"]
+    for module in ("keyvault", "functionapp"):
+        source = _main_source(infra, module, "appSubnetId")
+        assert "vnetIntegration" in identifiers(source) and network in identifiers(source), (
+            f"{module}.bicep must get the app subnet when the vault denies by default"
+        )
+    site = infra["functionapp"].resource("Microsoft.Web/sites")
+    assert "appSubnetId" in identifiers(site.get("properties.virtualNetworkSubnetId"))
+
+
+def monitoring(infra: Infra) -> None:
+    t = infra["monitoring"]
+    workspace = t.resource("Microsoft.OperationalInsights/workspaces")
+    insights = t.resource(APP_INSIGHTS)
+    assert insights.get("properties.DisableLocalAuth") is True, "App Insights must accept Entra auth only"
+    assert accessor_chain(insights.get("properties.WorkspaceResourceId")) == [workspace.symbol, "id"]
+    assert insights.get("properties.Application_Type") == "web"
+
+
+def function_app(infra: Infra) -> None:
+    t = infra["functionapp"]
+    plan = t.resource("Microsoft.Web/serverfarms")
+    assert plan.get("sku") == {"name": "FC1", "tier": "FlexConsumption"}, "Flex Consumption plan"
+    assert plan.get("properties.reserved") is True, "Linux"
+
+    site = t.resource("Microsoft.Web/sites")
+    assert site.get("kind") == "functionapp,linux"
+    assert site.get("properties.serverFarmId") == {
+        "operator": {"type": "property_accessor", "operands": {"operand_1": plan.symbol, "operand_2": "id"}}
+    }
+    assert site.get("properties.httpsOnly") is True, "HTTPS only"
+    assert site.get("properties.siteConfig.minTlsVersion") == "1.2", "minimum TLS 1.2"
+    assert site.get("properties.siteConfig.ftpsState") == "Disabled", "FTP(S) off"
+    assert site.get("properties.siteConfig.remoteDebuggingEnabled") is False, "remote debugging off"
+    assert site.get("properties.siteConfig.http20Enabled") is True, "HTTP/2 on"
+
+    identity = site.get("identity")
+    assert identity["type"] == "UserAssigned"
+    assert [_key(k) for k in identity["userAssignedIdentities"]] == ["${identityId}"]
+    assert _from_module_output(infra, _main_source(infra, "functionapp", "identityId"), "identity", "id")
+
+    config = site.get("properties.functionAppConfig")
+    storage = config["deployment"]["storage"]
+    assert storage["type"] == "blobContainer"
+    assert storage["authentication"] == {
+        "type": "UserAssignedIdentity",
+        "userAssignedIdentityResourceId": "identityId",
+    }
+    assert config["runtime"] == {"name": "python", "version": "3.11"}
+    assert config["scaleAndConcurrency"] == {
+        "instanceMemoryMB": "instanceMemoryMB",
+        "maximumInstanceCount": "maximumInstanceCount",
+    }
+
+    tags = call(site.get("tags"), "union")
+    assert tags is not None and {_key(k): v for k, v in tags["arg_2"].items()} == {"azd-service-name": "api"}
+    assert "tags" in identifiers(tags["arg_1"]), "the azd-env-name tag too"
+    assert infra.main.variables["tags"] == {"'azd-env-name'": "environmentName"}
+
+    # The app starts once its roles exist (the identity itself is a separate, earlier module).
+    depends = infra.main.modules[infra.module_symbol("functionapp")]["config"].get("dependsOn") or []
+    assert infra.module_symbol("rbac") in depends, "the function app must wait for the role assignments"
+
+
+def app_settings_of(infra: Infra) -> dict[str, object]:
+    t = infra["functionapp"]
+    assert not t.resources("Microsoft.Web/sites/config"), "app settings live in siteConfig.appSettings only"
+    entries = t.resource("Microsoft.Web/sites").get("properties.siteConfig.appSettings")
+    assert isinstance(entries, list)
+    names = [entry["name"] for entry in entries]
+    assert len(names) == len(set(names)), f"duplicate app settings: {names}"
+    return {entry["name"]: entry["value"] for entry in entries}
+
+
+def app_settings(infra: Infra) -> None:
+    settings = app_settings_of(infra)
+    declared = {spec.name for spec in SETTINGS}
+    missing = declared - LEFT_UNSET - set(settings)
+    assert not missing, f"settings the code reads but infra does not set: {sorted(missing)}"
+    forbidden = set(settings) & FORBIDDEN_SETTINGS
+    assert not forbidden, f"not allowed on Flex Consumption / shared-key: {sorted(forbidden)}"
+    assert not (set(settings) & LEFT_UNSET), "AZURE_AUTHORITY_HOST stays unset in public cloud"
+    unknown = set(settings) - declared - HOST_SETTINGS
+    assert not unknown, f"app settings nobody reads (typo?): {sorted(unknown)}"
+
+    assert settings["AZURE_CLIENT_ID"] == "identityClientId", "azure-identity must pick the app's identity"
+    assert settings["AzureWebJobsStorage__credential"] == "managedidentity"
+    assert settings["AzureWebJobsStorage__clientId"] == "identityClientId"
+    for service in ("blob", "queue", "table"):
+        assert settings[f"AzureWebJobsStorage__{service}ServiceUri"] == f"{service}Endpoint"
+        assert _from_module_output(
+            infra, _main_source(infra, "functionapp", f"{service}Endpoint"), "storage", f"{service}Endpoint"
+        )
+    assert (
+        settings["APPLICATIONINSIGHTS_AUTHENTICATION_STRING"]
+        == "ClientId=${identityClientId};Authorization=AAD"
+    )
+    assert _from_module_output(
+        infra,
+        _main_source(infra, "functionapp", "applicationInsightsConnectionString"),
+        "monitoring",
+        "connectionString",
+    )
+    assert _from_module_output(
+        infra, _main_source(infra, "functionapp", "identityClientId"), "identity", "clientId"
+    )
+    assert settings["KEY_VAULT_URL"] == "keyVaultUrl"
+    assert _from_module_output(infra, _main_source(infra, "functionapp", "keyVaultUrl"), "keyvault", "uri")
+
+
+def settings_defaults(infra: Infra) -> None:
+    """Each setting that main.bicep exposes as a parameter has the code's default (or is required)."""
+    settings = app_settings_of(infra)
+    functionapp = infra["functionapp"]
+    traced = set()
+    for spec in SETTINGS:
+        value = settings.get(spec.name)
+        if not (isinstance(value, str) and value in functionapp.parameters):
+            continue
+        source = _main_source(infra, "functionapp", value)
+        if not (isinstance(source, str) and source in infra.main.parameters):
+            continue
+        traced.add(spec.name)
+        default = infra.main.default(source)
+        if spec.default is None:
+            assert default is None, (
+                f"{spec.name} is required by the code, so main.bicep's {source} must be too"
+            )
+        else:
+            assert str(default) == spec.default, (
+                f"{spec.name}: main.bicep's {source} defaults to {default!r}, the code to {spec.default!r}"
+            )
+    required = {"DATAVERSE_URL", "DATAVERSE_TENANT_ID", "DATAVERSE_CLIENT_ID"}
+    assert required <= traced, f"required parameters of main.bicep: {sorted(required - traced)}"
+
+
+def role_assignments(infra: Infra) -> None:
+    t = infra["rbac"]
+    app_roles: set[tuple[str, str]] = set()
+    deployer_roles: set[tuple[str, str]] = set()
+    for assignment in t.resources("Microsoft.Authorization/roleAssignments"):
+        where = f"rbac.bicep {assignment.symbol}"
+        definition = call(assignment.get("properties.roleDefinitionId"), "subscription_resource_id")
+        assert definition is not None, f"{where}: roleDefinitionId must be subscriptionResourceId(...)"
+        assert definition["resource_type"] == "Microsoft.Authorization/roleDefinitions"
+        role = t.value(definition["resource_name_1"])
+        scope_symbol = assignment.get("scope")
+        assert isinstance(scope_symbol, str), f"{where}: scope must be one resource, not the resource group"
+        scope = t.symbol(scope_symbol)
+        principal = assignment.get("properties.principalId")
+        name = call(assignment.get("name"), "guid")
+        assert name is not None, f"{where}: name must be guid(scope, principal, role)"
+        parts = list(name.values())
+        assert accessor_chain(parts[0]) == [scope_symbol, "id"], (
+            f"{where}: guid must start with the scope's id"
+        )
+        assert parts[1:] == [principal, definition["resource_name_1"]], (
+            f"{where}: guid(scope, principal, role)"
+        )
+        if principal == "identityPrincipalId":
+            assert assignment.get("properties.principalType") == "ServicePrincipal", where
+            assert assignment.condition is None, f"{where}: the app's roles are unconditional"
+            app_roles.add((str(role), scope.type))
+        elif principal == "deployerPrincipalId":
+            assert assignment.get("properties.principalType") == "deployerPrincipalType", where
+            assert "deployerPrincipalId" in identifiers(assignment.condition), (
+                f"{where}: only when a deployer principal is given"
+            )
+            deployer_roles.add((str(role), scope.type))
+        else:
+            raise AssertionError(f"{where}: unexpected principal {principal!r}")
+    assert app_roles == APP_IDENTITY_ROLES, (
+        f"app identity roles: extra {app_roles - APP_IDENTITY_ROLES}, "
+        f"missing {APP_IDENTITY_ROLES - app_roles}"
+    )
+    assert deployer_roles == DEPLOYER_ROLES, (
+        f"deployer roles: extra {deployer_roles - DEPLOYER_ROLES}, missing {DEPLOYER_ROLES - deployer_roles}"
+    )
+
+    assert _from_module_output(
+        infra, _main_source(infra, "rbac", "identityPrincipalId"), "identity", "principalId"
+    )
+    assert _main_source(infra, "rbac", "deployerPrincipalId") == "principalId"
+    assert infra.main.default("principalId") == ""
+    assert _main_source(infra, "rbac", "deployerPrincipalType") == "principalType"
+    assert infra.main.default("principalType") == "User"
+    for param, module, output in (
+        ("storageAccountName", "storage", "name"),
+        ("keyVaultName", "keyvault", "name"),
+        ("applicationInsightsName", "monitoring", "applicationInsightsName"),
+    ):
+        assert _from_module_output(infra, _main_source(infra, "rbac", param), module, output)
+    for type_, param in (
+        (STORAGE, "storageAccountName"),
+        (VAULT, "keyVaultName"),
+        (APP_INSIGHTS, "applicationInsightsName"),
+    ):
+        (existing,) = [r for r in t.resources(type_) if r.existing]
+        assert existing.get("name") == param
+
+
+def diagnostics(infra: Infra) -> None:
+    def logs_to_workspace(template: Template, scope: str) -> list[Mapping[str, Any]]:
+        found = [
+            d for d in template.resources("Microsoft.Insights/diagnosticSettings") if d.get("scope") == scope
+        ]
+        assert len(found) == 1, f"{template.name}: one diagnostic setting on {scope}"
+        (setting,) = found
+        assert setting.get("properties.workspaceId") == "workspaceId"
+        assert _from_module_output(
+            infra, _main_source(infra, template.name, "workspaceId"), "monitoring", "workspaceId"
+        )
+        logs = template.value(setting.get("properties.logs"))
+        assert isinstance(logs, list)
+        return [log for log in logs if log.get("enabled") is True]
+
+    vault = infra["keyvault"].resource(VAULT).symbol
+    assert any(log.get("categoryGroup") == "audit" for log in logs_to_workspace(infra["keyvault"], vault)), (
+        "Key Vault audit log"
+    )
+    app = infra["functionapp"].resource("Microsoft.Web/sites").symbol
+    assert any(
+        log.get("category") == "FunctionAppLogs" for log in logs_to_workspace(infra["functionapp"], app)
+    )
+    queues = infra["storage"].resource(f"{STORAGE}/queueServices").symbol
+    categories = {log.get("category") for log in logs_to_workspace(infra["storage"], queues)}
+    assert {"StorageRead", "StorageWrite", "StorageDelete"} <= categories, "queue request logging"
+
+
+def secrets_stay_in_key_vault(infra: Infra) -> None:
+    """No @secure() parameter reaches an output, an app setting or any resource but a vault secret."""
+    problems = []
+    for t in infra:
+        tainted = {name for name in t.parameters if t.is_secure(name)}
+        changed = True
+        while changed:
+            changed = False
+            for name, value in t.variables.items():
+                if name not in tainted and identifiers(value) & tainted:
+                    tainted.add(name)
+                    changed = True
+        for name, output in t.outputs.items():
+            if identifiers(output["value"]) & tainted:
+                problems.append(
+                    f"{t.name}.bicep: output {name} carries {identifiers(output['value']) & tainted}"
+                )
+        for symbol in t.modules:
+            child = infra[Path(t.module_path(symbol)).stem]
+            for param, expr in t.module_params(symbol).items():
+                if identifiers(expr) & tainted and not child.is_secure(param):
+                    problems.append(
+                        f"{t.name}.bicep: a secret flows into {child.name}.bicep's "
+                        f"non-secure parameter {param}"
+                    )
+        for resource in t.resources():
+            body: dict[str, Any] = dict(resource.body)
+            if resource.type.lower() == f"{VAULT}/secrets".lower():
+                body["properties"] = {k: v for k, v in body["properties"].items() if k != "value"}
+            leaked = identifiers(body) & tainted
+            if leaked:
+                problems.append(f"{t.name}.bicep: resource {resource.symbol} uses {sorted(leaked)}")
+    assert not problems, "\n".join(problems)
+
+
+def outputs_for_azd(infra: Infra) -> None:
+    outputs = infra.main.outputs
+    for name in (
+        "AZURE_LOCATION",
+        "AZURE_TENANT_ID",
+        "AZURE_FUNCTION_APP_NAME",
+        "SERVICE_API_NAME",
+        "SERVICE_API_URI",
+        "KEY_VAULT_URL",
+        "AZURE_KEY_VAULT_NAME",
+        "AZURE_STORAGE_ACCOUNT_NAME",
+    ):
+        assert name in outputs, f"main.bicep must output {name}"
+    assert _from_module_output(infra, outputs["SERVICE_API_NAME"]["value"], "functionapp", "name")
+    assert _from_module_output(infra, outputs["KEY_VAULT_URL"]["value"], "keyvault", "uri")
+    assert infra.main.json["globals"]["scope"]["value"] == "resourceGroup"
+
+
+ALL: dict[str, Callable[[Infra], None]] = {
+    "storage": storage,
+    "key_vault": key_vault,
+    "virtual_network": virtual_network,
+    "monitoring": monitoring,
+    "function_app": function_app,
+    "app_settings": app_settings,
+    "settings_defaults": settings_defaults,
+    "role_assignments": role_assignments,
+    "diagnostics": diagnostics,
+    "secrets_stay_in_key_vault": secrets_stay_in_key_vault,
+    "outputs_for_azd": outputs_for_azd,
+}
