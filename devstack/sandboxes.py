@@ -245,7 +245,8 @@ class Sandbox:
         version = SecretVersion(value=value, version=uuid.uuid4().hex, created=int(time.time()),
                                 content_type=content_type)
         with self.lock:
-            self.secrets.setdefault(name, []).append(version)
+            existing = next((k for k in self.secrets if k.lower() == name.lower()), name)
+            self.secrets.setdefault(existing, []).append(version)
         return version
 
     def get_secret(self, name: str, version: str | None = None) -> SecretVersion | None:
