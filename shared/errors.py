@@ -77,8 +77,10 @@ class AuthError(SyncError):
 
     Permanent codes point at a misconfiguration: ``entra_invalid_client`` (AADSTS7000215/7000222),
     ``entra_unauthorized_client`` (AADSTS700016), ``entra_invalid_tenant`` (AADSTS90002),
-    ``keyvault_forbidden``, ``keyvault_secret_not_found``.  Transient ones: ``entra_unavailable``,
-    ``keyvault_unavailable``, ``managed_identity_unavailable``.
+    ``entra_invalid_scope`` (AADSTS70011/500011: DATAVERSE_URL is not an environment of the tenant),
+    ``entra_rejected`` (any other 4xx from Entra), ``keyvault_forbidden``, ``keyvault_secret_not_found``,
+    ``managed_identity_not_configured`` (no identity, or the identity endpoint refused the client id).
+    Transient ones: ``entra_unavailable``, ``keyvault_unavailable``, ``managed_identity_unavailable``.
     """
 
     code = "auth_failed"
