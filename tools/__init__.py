@@ -1,0 +1,1 @@
+"""Operator tools (command-line), run as python -m tools.<name>."""
