@@ -151,7 +151,10 @@ def _default_runtime(settings: Settings) -> Runtime:
 
 
 def _other_user(runtime: Runtime, app_user_id: str) -> SystemUser | None:
-    """An enabled, interactive user other than the application user, from the first small page."""
+    """An enabled, interactive user other than the application user, from the first small page.
+
+    One with an Entra object id is preferred: ``CallerObjectId`` is the header the writes use.
+    """
     from shared.users import SystemUser
 
     params = {
@@ -159,12 +162,11 @@ def _other_user(runtime: Runtime, app_user_id: str) -> SystemUser | None:
         "isdisabled,accessmode",
         "$filter": f"isdisabled eq false and accessmode eq 0 and systemuserid ne {app_user_id}",
     }
-    pages = runtime.dataverse.iter_pages("systemusers", params, page_size=10, correlation_id="diagnostics")
+    pages = runtime.dataverse.iter_pages("systemusers", params, page_size=20, correlation_id="diagnostics")
     for page in pages:
-        for row in page.get("value", []):
-            if row.get("systemuserid"):
-                return SystemUser.from_record(row)
-        break
+        users = [SystemUser.from_record(row) for row in page.get("value", []) if row.get("systemuserid")]
+        users.sort(key=lambda u: u.azure_ad_object_id is None)
+        return users[0] if users else None
     return None
 
 
