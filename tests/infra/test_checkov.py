@@ -17,6 +17,9 @@ import pytest
 
 from tests.infra.conftest import INFRA, ROOT
 
+# One worker runs checkov once for all the tests here (`make test` uses --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("checkov")
+
 _SKIP = re.compile(r"//\s*checkov:skip=(CKV2?_[A-Z]+_\d+)(?::(.*))?$", re.MULTILINE)
 
 
