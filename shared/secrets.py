@@ -277,7 +277,17 @@ class SecretStore:
         where = f"secret '{name}' in {self._vault_url}"
         self.reads += 1
         try:
-            secret = self._secret_client().get_secret(name)
+            try:
+                secret = self._secret_client().get_secret(name)
+            except HttpResponseError as exc:
+                if exc.status_code != 401:
+                    raise
+                # The vault refused a token the SDK had cached (revoked, or issued before a change
+                # of identity): start over once with a new credential, as after a Dataverse 401.
+                logger.info("Key Vault answered 401 to a cached token; retrying once with a new one")
+                with self._client_lock:
+                    self._client = None  # not closed: another read may still be using it
+                secret = self._secret_client().get_secret(name)
         except AuthError:
             raise
         except ResourceNotFoundError as exc:
@@ -309,7 +319,14 @@ class SecretStore:
     @staticmethod
     def _http_failure(exc: Any, where: str) -> AuthError:
         status: int | None = exc.status_code
-        if status in (401, 403):
+        if status == 401:
+            return AuthError(
+                f"Key Vault refused the managed identity's token twice for {where} (401): is the vault "
+                "in the same tenant as the Function App's identity?",
+                code="keyvault_forbidden",
+                status=status,
+            )
+        if status == 403:
             return AuthError(
                 f"Key Vault refused to read {where} ({status}): the managed identity lacks the "
                 "'Key Vault Secrets User' role on the vault (or, with access policies, 'get' on secrets).",

@@ -52,6 +52,7 @@ class FakeVault:
         self.status: int | None = None
         self.challenge = challenge
         self.before_answer: threading.Event | None = None
+        self.reject_tokens = 0
         mock.add_callback("GET", SECRET_URL, callback=self._answer)
 
     def _answer(self, request: requests.PreparedRequest) -> tuple[int, dict[str, str], str]:
@@ -61,6 +62,9 @@ class FakeVault:
         assert match
         name = match.group("name")
         self.reads += 1
+        if self.reject_tokens > 0:
+            self.reject_tokens -= 1
+            return 401, {"WWW-Authenticate": self.challenge}, json.dumps({"error": {"code": "Unauthorized"}})
         if self.before_answer is not None:
             assert self.before_answer.wait(10)
         if self.status is not None:
@@ -177,6 +181,20 @@ def test_forbidden_says_which_role_is_missing(vault: FakeVault) -> None:
         SecretStore(LOCAL_VAULT, FakeCredential()).get("s")
     assert (info.value.code, info.value.transient) == ("keyvault_forbidden", False)
     assert "Key Vault Secrets User" in info.value.message
+
+
+def test_a_refused_token_is_replaced_once(vault: FakeVault) -> None:
+    vault.secrets["s"] = "value-1"
+    cred = FakeCredential()
+    store = SecretStore(LOCAL_VAULT, cred)
+    vault.reject_tokens = 1  # e.g. revoked: the vault answers 401 to a token the SDK still holds
+    assert store.get("s") == "value-1"
+    assert vault.reads == 2
+    vault.reject_tokens = 2
+    with pytest.raises(AuthError) as info:
+        store.refresh("s")
+    assert (info.value.code, info.value.status, info.value.transient) == ("keyvault_forbidden", 401, False)
+    assert vault.reads == 4  # one retry, not more
 
 
 def test_vault_5xx_is_transient_after_bounded_retries(vault: FakeVault, no_sleep: None) -> None:
