@@ -58,7 +58,7 @@ resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
     networkAcls: {
       bypass: 'AzureServices'
       defaultAction: networkDefaultAction
-      ipRules: [for ip in filter(allowedIpAddresses, ip => !empty(ip)): {
+      ipRules: [for ip in filter(allowedIpAddresses, address => !empty(address)): {
         value: ip
       }]
       virtualNetworkRules: empty(appSubnetId) ? [] : [
