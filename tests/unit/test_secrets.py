@@ -184,17 +184,18 @@ def test_forbidden_says_which_role_is_missing(vault: FakeVault) -> None:
 
 
 def test_a_refused_token_is_replaced_once(vault: FakeVault) -> None:
+    """The SDK re-asks its credential once on a 401; a credential whose cache holds a revoked token
+    gives the same one back, so the store starts over once with a new client and credential."""
     vault.secrets["s"] = "value-1"
-    cred = FakeCredential()
-    store = SecretStore(LOCAL_VAULT, cred)
-    vault.reject_tokens = 1  # e.g. revoked: the vault answers 401 to a token the SDK still holds
+    store = SecretStore(LOCAL_VAULT, FakeCredential())
+    vault.reject_tokens = 2  # the SDK's own retry is refused too
     assert store.get("s") == "value-1"
-    assert vault.reads == 2
-    vault.reject_tokens = 2
+    assert vault.reads == 3
+    vault.reject_tokens = 99
     with pytest.raises(AuthError) as info:
         store.refresh("s")
     assert (info.value.code, info.value.status, info.value.transient) == ("keyvault_forbidden", 401, False)
-    assert vault.reads == 4  # one retry, not more
+    assert vault.reads == 3 + 4  # two clients, each with the SDK's one re-authentication: bounded
 
 
 def test_vault_5xx_is_transient_after_bounded_retries(vault: FakeVault, no_sleep: None) -> None:
