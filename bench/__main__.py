@@ -1,0 +1,364 @@
+"""``python -m bench`` (``make bench``): the project against the naive approach and Microsoft's SDK.
+
+Starts its own local stack (emulators only), gives every measurement a fresh sandbox with the
+latency and service-protection limits of its workload, runs each contender in a fresh process,
+reads the request counters and the written records back, prints the table and the targets, and
+writes ``bench/results/latest.json`` + ``latest.md`` and ``docs/bench.md``.
+``--quick`` is a small smoke run (its figures are not comparable with a full run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import coldstart, machine
+from bench.report import (
+    Target,
+    counter,
+    failures,
+    jobs_per_second,
+    latency_bound_jobs_per_second,
+    markdown_table,
+    row,
+    targets_markdown,
+    targets_text,
+    text_table,
+    window_minimum_seconds,
+)
+from bench.runner import Conditions, measure
+from bench.stack import ROOT, StackProcess, pinned
+from bench.workload import Workload
+
+RESULTS = ROOT / "bench" / "results"
+DOC = ROOT / "docs" / "bench.md"
+CONCURRENCY = 24  # host.json: batchSize 16 + newBatchThreshold 8
+ACTORS = 50
+W1_LATENCY, AUTH_LATENCY = 0.100, 0.020
+W2_LATENCY = 0.025
+W2_LIMITS = {"requests": 200, "window_seconds": 5, "concurrent": 52}
+W1_TARGET, W2_TARGET, W3_TARGET = 0.85, 1.15, 1.5
+
+
+def _visibility_timeout() -> float:
+    """host.json's visibilityTimeout: how long a failed message stays hidden before redelivery."""
+    host = json.loads((ROOT / "host.json").read_text(encoding="utf-8"))
+    text = str(host.get("extensions", {}).get("queues", {}).get("visibilityTimeout", "00:00:00"))
+    hours, minutes, seconds = (float(part) for part in text.split(":"))
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def ensure_sdk(install: bool) -> str | None:
+    """Installs requirements-bench.txt into this venv when the SDK is missing; None when it is there."""
+    if importlib.util.find_spec("PowerPlatform") is not None:
+        return None
+    if not install:
+        return "powerplatform-dataverse-client is not installed (--no-install)"
+    print("installing requirements-bench.txt (Microsoft's Dataverse SDK, py-spy) into the venv ...",
+          flush=True)
+    completed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+         "-r", str(ROOT / "requirements-bench.txt")], check=False)
+    importlib.invalidate_caches()
+    if completed.returncode != 0 or importlib.util.find_spec("PowerPlatform") is None:
+        return "installing powerplatform-dataverse-client failed"
+    return None
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        quick = args.quick
+        self.w1_jobs = 300 if quick else 2000
+        self.w2_jobs = 240 if quick else 600
+        self.w4_jobs = 300 if quick else 2000
+        self.import_reps = 3 if quick else 9
+        self.redelivery = _visibility_timeout()
+        self.runs: dict[str, dict[str, Any]] = {}
+        self.log_dir = Path(args.log_dir)
+        self.notes: list[str] = []
+
+    def log(self, text: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+    def one(self, stack: StackProcess, workload_name: str, name: str, contender: str, workload: Workload,
+            conditions: Conditions, **kwargs: Any) -> dict[str, Any]:
+        profile = None
+        if self.args.profile and contender == "project":
+            profile = self.log_dir / f"profile-{workload_name}-{name}.txt"
+        self.log(f"{workload_name} {name}: {workload.count} jobs, {conditions.describe()} ...")
+        result = measure(stack, label=f"{workload_name}-{name}", contender=contender, workload=workload,
+                         conditions=conditions, concurrency=CONCURRENCY, redelivery_seconds=self.redelivery,
+                         log_dir=self.log_dir, profile=profile, **kwargs)
+        self.runs.setdefault(workload_name, {})[name] = result
+        self.log(f"  {jobs_per_second(result):.1f} jobs/s in {result['wall_s']:.2f} s, "
+                 f"{failures(result)} failures, {result['lost']} lost, CPU {result['cpu_s']:.2f} s, "
+                 f"others' CPU {result['machine_cpu']['others_share']:.0%}")
+        return result
+
+    def contenders(self, sdk: bool) -> list[tuple[str, str, int]]:
+        """(name, worker contender, actors): impersonated pair, then the non-impersonated pair."""
+        pairs = [("project", "project", ACTORS), ("naive", "naive", ACTORS),
+                 ("project (as app)", "project", 0)]
+        if sdk:
+            pairs.append(("Microsoft SDK", "sdk", 0))
+        return pairs
+
+    def w1(self, stack: StackProcess, sdk: bool) -> None:
+        conditions = Conditions(W1_LATENCY, AUTH_LATENCY)
+        for name, contender, actors in self.contenders(sdk):
+            workload = Workload(f"w1{contender[0]}{actors}", self.w1_jobs, actors)
+            self.one(stack, "W1", name, contender, workload, conditions)
+
+    def w2(self, stack: StackProcess, sdk: bool) -> None:
+        conditions = Conditions(W2_LATENCY, W2_LATENCY, dict(W2_LIMITS))
+        for name, contender, actors in self.contenders(sdk):
+            workload = Workload(f"w2{contender[0]}{actors}", self.w2_jobs, actors)
+            self.one(stack, "W2", name, contender, workload, conditions)
+
+    def w3_first_job(self, stack: StackProcess) -> None:
+        conditions = Conditions(W1_LATENCY, AUTH_LATENCY)
+        for name, contender in (("project", "project"), ("naive", "naive")):
+            self.one(stack, "W3", name, contender, Workload(f"w3{contender[0]}", 1, ACTORS), conditions)
+
+    def w4(self, stack: StackProcess) -> None:
+        conditions = Conditions(0.0, 0.0)
+        cpus = sorted(os.sched_getaffinity(0))
+        client_cpu, stack_cpus = ([cpus[0]], set(cpus[1:])) if len(cpus) > 1 else (None, set(cpus))
+        if client_cpu is None:
+            self.notes.append("W4: one usable CPU, so the client and the stack shared it.")
+        with pinned(stack.pid, stack_cpus):
+            for name, contender in (("project", "project"), ("naive", "naive")):
+                self.one(stack, "W4", name, contender, Workload(f"w4{contender[0]}", self.w4_jobs, ACTORS),
+                         conditions, affinity=client_cpu)
+
+    # -- results --------------------------------------------------------------------------------
+
+    def rows(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        for workload_name in ("W1", "W2", "W4"):
+            runs = self.runs.get(workload_name, {})
+            for name, run in runs.items():
+                limit = None
+                reference, reference_name = None, ""
+                actors = ACTORS if name in ("project", "naive") else 0
+                if workload_name == "W1":
+                    limit = latency_bound_jobs_per_second(run["jobs"], actors, W1_LATENCY, CONCURRENCY)
+                if name == "project" and "naive" in runs:
+                    reference, reference_name = runs["naive"], "naive"
+                if name == "project (as app)" and "Microsoft SDK" in runs:
+                    reference, reference_name = runs["Microsoft SDK"], "SDK"
+                rows.append(row(workload_name, name, run, limit=limit, reference=reference,
+                                reference_name=reference_name))
+        return rows
+
+    def targets(self, imports: dict[str, Any] | None) -> list[Target]:
+        targets: list[Target] = []
+        w1 = self.runs.get("W1", {})
+        w2 = self.runs.get("W2", {})
+        project = w1.get("project")
+        if project is not None:
+            limit = latency_bound_jobs_per_second(project["jobs"], ACTORS, W1_LATENCY, CONCURRENCY)
+            rate = jobs_per_second(project)
+            targets.append(Target("W1 throughput", f"≥ {W1_TARGET:.0%} of the latency-bound limit "
+                                  f"({limit:.1f} jobs/s)", f"{rate:.1f} jobs/s = {rate / limit:.0%}",
+                                  rate >= W1_TARGET * limit))
+            tokens = counter(project, "entra", "POST token")
+            reads = counter(project, "keyvault", "GET secret")
+            targets.append(Target("W1 tokens and secret reads", "exactly 1 token request and 1 secret read "
+                                  "per process", f"{tokens} token, {reads} secret",
+                                  tokens == 1 and reads == 1))
+            lookups = counter(project, "dataverse", "GET systemusers")
+            targets.append(Target("W1 lookups", f"≤ 1 per actor (≤ {ACTORS})", str(lookups),
+                                  lookups <= ACTORS))
+        project2 = w2.get("project")
+        if project2 is not None:
+            lost = project2["lost"]
+            measured = f"{lost} lost, {failures(project2)} failed invocations"
+            targets.append(Target("W2 lost writes", "0", measured, lost == 0))
+            minimum = window_minimum_seconds(project2["jobs"] + ACTORS, W2_LIMITS["requests"],
+                                             W2_LIMITS["window_seconds"], W2_LATENCY)
+            wall = project2["wall_s"]
+            targets.append(Target("W2 total time", f"≤ {W2_TARGET}x the window's minimum ({minimum:.2f} s)",
+                                  f"{wall:.2f} s = {wall / minimum:.2f}x", wall <= W2_TARGET * minimum))
+        if imports is not None:
+            ratio = imports["ratio"]
+            targets.append(Target("W3 import", f"function_app ≤ {W3_TARGET}x azure.functions + requests",
+                                  f"{imports['function_app_s'] * 1000:.0f} ms vs "
+                                  f"{imports['baseline_s'] * 1000:.0f} ms = {ratio:.2f}x",
+                                  ratio <= W3_TARGET))
+        for workload_name, runs in (("W1", w1), ("W2", w2)):
+            ours, theirs = runs.get("project (as app)"), runs.get("Microsoft SDK")
+            if ours is None:
+                continue
+            if theirs is None:
+                targets.append(Target(f"{workload_name} vs Microsoft SDK", "at least as fast, fewer failures",
+                                      "SDK not run", None))
+                continue
+            fast = jobs_per_second(ours) >= jobs_per_second(theirs)
+            fewer = failures(ours) + ours["lost"] <= failures(theirs) + theirs["lost"]
+            strictly = failures(ours) + ours["lost"] < failures(theirs) + theirs["lost"]
+            targets.append(Target(
+                f"{workload_name} vs Microsoft SDK (non-impersonated)", "at least as fast, fewer failures",
+                f"{jobs_per_second(ours):.1f} vs {jobs_per_second(theirs):.1f} jobs/s; failures+lost "
+                f"{failures(ours) + ours['lost']} vs {failures(theirs) + theirs['lost']}"
+                + ("" if strictly else " (equal)"), fast and fewer))
+        wrong = {f"{w} {n}": r["wrong_actor"] for w, runs in self.runs.items() for n, r in runs.items()}
+        if wrong:
+            bad = {k: v for k, v in wrong.items() if v}
+            targets.append(Target("attribution", "no record written as anyone but its actor",
+                                  "none wrong" if not bad else json.dumps(bad), not bad))
+        return targets
+
+
+def render_markdown(results: dict[str, Any], *, heading: str = "#") -> str:
+    h2 = heading + "#"
+    imports = results.get("w3_imports")
+    first = results["runs"].get("W3", {})
+    lines = [
+        f"{heading} Benchmarks",
+        "",
+        f"`make bench` ({'quick smoke run' if results['quick'] else 'full run'}, "
+        f"{results['finished_at']}). Every contender runs in its own fresh process against its own sandbox "
+        "of the local stack in the same run; ratios matter, absolute figures depend on the machine.",
+        "",
+        f"{h2} Results",
+        "",
+        markdown_table(results["rows"]),
+        "",
+        f"{h2} Targets",
+        "",
+        targets_markdown([Target(t["name"], t["target"], t["measured"], t["met"])
+                          for t in results["targets"]]),
+        "",
+    ]
+    if imports or first:
+        lines += [f"{h2} Cold start (W3)", ""]
+        if imports:
+            top = ", ".join(f"{n} {s * 1000:.0f} ms" for n, s in imports["function_app_top"])
+            lines += [
+                f"- `import function_app`: median {imports['function_app_s'] * 1000:.0f} ms; "
+                f"`import azure.functions, requests`: median {imports['baseline_s'] * 1000:.0f} ms "
+                f"({imports['repetitions']} alternating fresh processes each, `-X importtime`, interpreter "
+                f"start-up imports excluded) → {imports['ratio']:.2f}x. Top level: {top}.",
+                "- heavy SDKs loaded by the import: "
+                + (", ".join(imports["heavy_sdks_at_import"]) or "none (azure.identity, azure.keyvault, "
+                   "requests are imported by the first job)") + ".",
+            ]
+        for name, run in first.items():
+            kinds = {k: v for svc in ("identity", "entra", "keyvault", "dataverse")
+                     for k, v in run["counters"].get(svc, {}).items()
+                     if not k.startswith(("status:", "impersonation:"))}
+            lines.append(
+                f"- first job on a fresh process, {name}: {run['first_invocation_s'] * 1000:.0f} ms "
+                f"(import before it {run['import_s'] * 1000:.0f} ms); requests: "
+                + ", ".join(f"{v} {k}" for k, v in kinds.items()) + ".")
+        lines.append("")
+    lines += [f"{h2} How these are measured", "", *METHOD, ""]
+    if results.get("notes"):
+        lines += [f"{h2} Notes", "", *(f"- {n}" for n in results["notes"]), ""]
+    lines += [f"{h2} Machine", "", machine.markdown(results["machine"]), ""]
+    return "\n".join(lines)
+
+
+METHOD = [
+    "- **Harness**: each contender's queue function is called the way the Python worker calls it (a "
+    "`func.QueueMessage`), from 24 threads (host.json `batchSize` 16 + `newBatchThreshold` 8). An invocation "
+    "that raises is a failure: its message is redelivered after host.json's `visibilityTimeout` and poisoned "
+    "after 5 deliveries. *lost* = jobs not found in Dataverse at the end; *wrong actor* = records whose "
+    "`_modifiedby_value` is not the job's actor. CPU = user+system seconds of the contender's process "
+    "during delivery (import excluded). *others' CPU* = share of the machine's CPU used by other processes "
+    "meanwhile (noise).",
+    f"- **W1**: {ACTORS} actors, upserts of distinct contacts by alternate key, "
+    f"{W1_LATENCY * 1000:.0f} ms on every Dataverse request and {AUTH_LATENCY * 1000:.0f} ms on every Entra, "
+    "Key Vault and managed-identity request. Latency-bound limit = (jobs + one lookup per actor) x 100 ms "
+    "÷ 24, as jobs/s.",
+    f"- **W2**: service protection scaled down to {W2_LIMITS['requests']} requests per "
+    f"{W2_LIMITS['window_seconds']} s window and {W2_LIMITS['concurrent']} concurrent, "
+    f"{W2_LATENCY * 1000:.0f} ms latency. The window's minimum for R needed requests (jobs + lookups) = "
+    "floor((R - 1) ÷ 200) x 5 s + one round trip: the k-th request cannot be admitted before "
+    "floor(k ÷ 200) windows have passed.",
+    "- **W3**: see above; the first job's time includes secret (managed identity + Key Vault), token, lookup "
+    "and write at W1 latencies.",
+    "- **W4**: zero latency; the client process pinned to one core and the stack to the other(s): "
+    "the CPU the client spends per job.",
+    "- **naive** (`bench/naive.py`): per message a `requests.post` for a token, a `requests.get` of the "
+    "actor, a `requests.patch` with `MSCRMCallerID`; no session, cache or retry; secret from an environment "
+    "variable. "
+    "**Microsoft SDK** (`bench/sdk.py`, `powerplatform-dataverse-client`): one pooled client per process, "
+    "`records.upsert` by alternate key; it cannot impersonate, so it is compared with the project's "
+    "non-impersonated run (*project (as app)*: jobs without `actAs`).",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small smoke run (figures not comparable)")
+    parser.add_argument("--only", default="W1,W2,W3,W4", help="comma-separated workloads (default: all)")
+    parser.add_argument("--profile", action="store_true", help="py-spy the project's workers (logs dir)")
+    parser.add_argument("--no-install", action="store_true", help="do not pip install the SDK when missing")
+    parser.add_argument("--log-dir", default=str(Path(tempfile.gettempdir()) / "bench-logs"),
+                        help="workers' stderr and profiles")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave results and docs alone")
+    args = parser.parse_args(argv)
+    only = {w.strip().upper() for w in args.only.split(",") if w.strip()}
+
+    bench = Bench(args)
+    started = time.monotonic()
+    description = machine.describe()
+    sdk_problem = ensure_sdk(not args.no_install)
+    if sdk_problem:
+        bench.notes.append(f"Microsoft SDK not measured: {sdk_problem}.")
+    imports = None
+    if "W3" in only:
+        bench.log(f"W3 imports: {bench.import_reps} repetitions ...")
+        imports = coldstart.measure_imports(bench.import_reps)
+        bench.log(f"  function_app {imports['function_app_s'] * 1000:.0f} ms vs azure.functions + requests "
+                  f"{imports['baseline_s'] * 1000:.0f} ms = {imports['ratio']:.2f}x")
+    with StackProcess(azurite=False) as stack:
+        if "W1" in only:
+            bench.w1(stack, sdk_problem is None)
+        if "W2" in only:
+            bench.w2(stack, sdk_problem is None)
+        if "W3" in only:
+            bench.w3_first_job(stack)
+        if "W4" in only:
+            bench.w4(stack)
+    rows = bench.rows()
+    targets = bench.targets(imports)
+    results = {
+        "quick": args.quick,
+        "finished_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "duration_s": time.monotonic() - started,
+        "machine": {**description, "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "rows": rows,
+        "targets": [t.to_dict() for t in targets],
+        "w3_imports": imports,
+        "runs": bench.runs,
+        "notes": bench.notes,
+    }
+    print()
+    print(text_table(rows))
+    print()
+    print("Targets:")
+    print(targets_text(targets))
+    if not args.no_write:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "latest.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        (RESULTS / "latest.md").write_text(render_markdown(results), encoding="utf-8")
+        DOC.write_text(render_markdown(results, heading="##"), encoding="utf-8")
+        print(f"\nwrote {RESULTS / 'latest.json'}, {RESULTS / 'latest.md'} and {DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""The jobs of a run, generated the same way by the worker that sends them and the bench that checks them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+ENTITY_SET = "contacts"
+KEY_FIELD = "emailaddress1"
+
+
+def actor_email(n: int) -> str:
+    """The ``users=N`` seed of a sandbox: actor0001@contoso.com … actorNNNN@contoso.com."""
+    return f"actor{n:04d}@contoso.com"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """``count`` upserts of distinct contacts; job i acts as actor ``i % actors + 1`` (0 actors: none)."""
+
+    prefix: str
+    count: int
+    actors: int
+
+    def key(self, i: int) -> str:
+        return f"{self.prefix}-{i:06d}@example.com"
+
+    def actor(self, i: int) -> str | None:
+        return actor_email(i % self.actors + 1) if self.actors else None
+
+    def job(self, i: int) -> dict[str, Any]:
+        job: dict[str, Any] = {
+            "id": f"{self.prefix}-{i:06d}",
+            "entity": ENTITY_SET,
+            "operation": "upsert",
+            "key": {KEY_FIELD: self.key(i)},
+            "data": {"firstname": "Bench", "lastname": f"Contact {i}", "jobtitle": "O'Neil & Co / R+D"},
+        }
+        actor = self.actor(i)
+        if actor is not None:
+            job["actAs"] = {"email": actor}
+        return job
+
+    def bodies(self) -> Iterator[str]:
+        for i in range(self.count):
+            yield json.dumps(self.job(i), ensure_ascii=False, separators=(",", ":"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prefix": self.prefix, "count": self.count, "actors": self.actors}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Workload:
+        return cls(str(data["prefix"]), int(data["count"]), int(data["actors"]))
