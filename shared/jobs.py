@@ -291,10 +291,35 @@ def loads(text: str) -> Any:
     """Strict JSON: no NaN/Infinity, no numbers that overflow to infinity, no duplicate fields.
 
     A duplicate field would make the signed bytes and the parsed job disagree about, say, ``actAs``.
+    Nesting is bounded too: json recurses per level, so a few thousand brackets (well inside the size
+    limits) would raise RecursionError here, or later when the parsed value is dumped again.
     """
+    if _too_deep(text):
+        raise ValueError(f"JSON nested more than {MAX_NESTING} levels deep")
     return json.loads(
         text, parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys
     )
+
+
+MAX_NESTING = 64
+"""Far beyond any Dataverse payload, far below the interpreter's recursion limit."""
+# a string literal (an unterminated one runs to the end: one linear pass), or a bracket
+_STRING_OR_BRACKET = re.compile(r'"(?:[^"\\]++|\\.)*+(?:"|\Z)|[\[\]{}]', re.DOTALL)
+
+
+def _too_deep(text: str) -> bool:
+    """Whether arrays/objects nest deeper than MAX_NESTING (counted without recursion)."""
+    if text.count("[") + text.count("{") <= MAX_NESTING:
+        return False
+    depth = 0
+    for token in _STRING_OR_BRACKET.findall(text):
+        if token in ("[", "{"):
+            depth += 1
+            if depth > MAX_NESTING:
+                return True
+        elif token in ("]", "}"):
+            depth -= 1
+    return False
 
 
 def dumps(job: object) -> str:
