@@ -55,6 +55,7 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "PATCH", "DELET
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 RECORD_NOT_FOUND_CODE = "0x80040217"
+DUPLICATE_RECORD_CODE = "0x80040237"  # If-None-Match: * and the target record exists
 MODIFIED_BY = "_modifiedby_value"
 
 _IDENTIFIER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -374,8 +375,8 @@ class DataverseClient:
         import urllib3.exceptions as u3
 
         timeout = self._settings.timeout_seconds
-        if isinstance(exc, requests.exceptions.SSLError):
-            message = f"{label}: TLS handshake with {self._settings.dataverse_url} failed (certificate?)"
+        if isinstance(exc, requests.exceptions.SSLError) and _certificate_problem(exc):
+            message = f"{label}: the TLS certificate of {self._settings.dataverse_url} is not trusted"
             return DataverseError(message, code="dataverse_unreachable", transient=True), False, False
         if isinstance(exc, requests.exceptions.ConnectTimeout):
             message = f"{label}: could not connect within {timeout:g}s"
@@ -524,7 +525,12 @@ class DataverseClient:
                 "create", "PATCH", entity_set, path, key, data, {"If-None-Match": "*"}, caller, correlation_id
             )
         except DataverseError as exc:
-            if exc.status != 412:
+            # Only "the target record exists" is a replay. A 412 for an alternate key held by
+            # ANOTHER record (0x80060892) wrote nothing and must not pass for "already there".
+            if (
+                exc.status != 412
+                or (exc.dataverse_code or DUPLICATE_RECORD_CODE).lower() != DUPLICATE_RECORD_CODE
+            ):
                 raise
             job_logger(logger, correlation_id).info("%s already exists: nothing created", path)
             return WriteResult("create", entity_set, _guid(key), 412, False, True, None)
@@ -622,6 +628,25 @@ class DataverseClient:
         if caller is not None:
             _verify_impersonation(result, caller, path)
         return result
+
+
+def _certificate_problem(exc: BaseException) -> bool:
+    """A certificate that will not verify (no point retrying), as opposed to a TLS stream cut short."""
+    import ssl
+
+    seen: set[int] = set()
+    queue: list[object] = [exc]
+    while queue:
+        current = queue.pop()
+        if not isinstance(current, BaseException) or id(current) in seen:
+            continue
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return True
+        seen.add(id(current))
+        queue.extend(
+            [current.__cause__, current.__context__, *current.args, getattr(current, "reason", None)]
+        )
+    return False
 
 
 def _error_body(response: requests.Response) -> tuple[str | None, str | None]:

@@ -411,11 +411,47 @@ def test_update_requires_the_record_and_404_is_permanent(
 def test_keyed_create_is_patch_if_none_match_and_412_is_a_noop(
     client: DataverseClient, mock: responses.RequestsMock
 ) -> None:
-    _patch(mock, 412, error_body("0x80060892", "A record with matching key values already exists."))
+    _patch(mock, 412, error_body("0x80040237", "A record with matching key values already exists."))
     result = client.create("contacts", {"lastname": "x"}, key=RECORD)
     assert mock.calls[0].request.method == "PATCH"
     assert mock.calls[0].request.headers["If-None-Match"] == "*"
     assert (result.status, result.noop, result.created, result.record_id) == (412, True, False, RECORD)
+
+
+def test_keyed_create_blocked_by_another_records_alternate_key_is_not_a_noop(
+    client: DataverseClient, mock: responses.RequestsMock
+) -> None:
+    _patch(
+        mock,
+        412,
+        error_body("0x80060892", "Entity Key contact_email violated. A record with the same value exists."),
+    )
+    with pytest.raises(DataverseError) as info:
+        client.create("contacts", {"emailaddress1": "taken@example.com"}, key=RECORD)
+    assert (info.value.code, info.value.transient, info.value.status) == ("precondition_failed", False, 412)
+
+
+def test_a_tls_stream_cut_short_is_a_dropped_connection_but_a_bad_certificate_is_not_retried(
+    client: DataverseClient, mock: responses.RequestsMock
+) -> None:
+    import ssl
+
+    import urllib3.exceptions
+
+    url = re.compile(rf"{re.escape(API)}contacts\(.*")
+    eof = requests.exceptions.SSLError(urllib3.exceptions.SSLError(ssl.SSLEOFError(8, "EOF occurred")))
+    mock.patch(url, body=eof)
+    mock.patch(url, status=204)
+    assert client.upsert("contacts", RECORD, {"a": 1}).status == 204
+    assert len(mock.calls) == 2
+    bad = ssl.SSLCertVerificationError(1, "certificate verify failed: self-signed certificate")
+    mock.get(
+        f"{API}WhoAmI", body=requests.exceptions.SSLError(urllib3.exceptions.MaxRetryError(None, "u", bad))
+    )
+    with pytest.raises(DataverseError) as info:
+        client.whoami()
+    assert info.value.code == "dataverse_unreachable" and "not trusted" in info.value.message
+    assert len(mock.calls) == 3
 
 
 def test_keyless_create_is_a_post(client: DataverseClient, mock: responses.RequestsMock) -> None:
