@@ -25,7 +25,7 @@ from shared.diagnostics import run_diagnostics
 from shared.errors import ActorError, ConfigurationError, SyncError
 from shared.jobs import is_email_address, process_message
 from shared.reconciliation import ROSTER_PATH, SNAPSHOT_PATH, run_reconciliation
-from shared.webhooks import error_body, handle_webhook
+from shared.webhooks import KeyRotation, error_body, handle_webhook
 
 if TYPE_CHECKING:
     from shared.runtime import Runtime
@@ -89,6 +89,15 @@ def _webhook_key() -> str:
     return key
 
 
+def _reread_webhook_key(stale: str) -> str:
+    runtime = _runtime()
+    key: str = runtime.secrets.refresh(runtime.settings.webhook_secret_name, stale)
+    return key
+
+
+_webhook_key_rotation = KeyRotation(_reread_webhook_key)
+
+
 def _blob_bytes(blob: Any) -> bytes | str | None:
     """A missing input blob arrives as None; otherwise an InputStream (or str/bytes from a local host)."""
     if blob is None or isinstance(blob, str | bytes):
@@ -122,7 +131,9 @@ def webhook(req: func.HttpRequest, jobs: func.Out[typing.List[str]]) -> func.Htt
 
     def handle() -> func.HttpResponse:
         source = req.route_params.get("source", "")
-        result = handle_webhook(source, req.headers, req.get_body(), _webhook_key)
+        result = handle_webhook(
+            source, req.headers, req.get_body(), _webhook_key, refresh_key=_webhook_key_rotation
+        )
         if result.status == 202:
             jobs.set(result.messages)
         return _json(result.status, result.body)

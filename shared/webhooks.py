@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -113,9 +114,18 @@ def parse_signature(value: str) -> tuple[int, list[str]] | None:
 
 
 def check_signature(
-    headers: Mapping[str, str], body: bytes, signing_key: Callable[[], str], now: float
+    headers: Mapping[str, str],
+    body: bytes,
+    signing_key: Callable[[], str],
+    now: float,
+    refresh_key: Callable[[str], str | None] | None = None,
 ) -> WebhookResult | None:
-    """None when the body is signed with the current key within the time window, else the failure."""
+    """None when the body is signed with the current key within the time window, else the failure.
+
+    On a mismatch ``refresh_key(stale)`` may hand back a newer key (the key was rotated in Key Vault
+    since this instance read it); it returns None when it will not re-read, which it must rate-limit
+    because anybody can send a bad signature.
+    """
     value = header(headers, SIGNATURE_HEADER)
     if not value:
         return _fail(401, "signature_missing", f"the {SIGNATURE_HEADER} header is required")
@@ -148,13 +158,57 @@ def check_signature(
     if not key:
         log.error("webhook signing key is empty")
         return _fail(503, "signing_key_unavailable", "the webhook signing key is empty")
+    if _matches(key, body, timestamp, signatures):
+        return None
+    newer = _refreshed(refresh_key, key)
+    if newer and newer != key and _matches(newer, body, timestamp, signatures):
+        return None
+    return _fail(401, "signature_invalid", "the signature does not match the body")
+
+
+def _matches(key: str, body: bytes, timestamp: int, signatures: list[str]) -> bool:
     expected = compute_signature(key.encode("utf-8"), body, timestamp).encode("ascii")
     matched = False
     for candidate in signatures:
         matched |= hmac.compare_digest(expected, candidate.encode("ascii"))
-    if not matched:
-        return _fail(401, "signature_invalid", "the signature does not match the body")
-    return None
+    return matched
+
+
+def _refreshed(refresh_key: Callable[[str], str | None] | None, stale: str) -> str | None:
+    if refresh_key is None:
+        return None
+    try:
+        return refresh_key(stale)
+    except SyncError as exc:
+        log.warning("webhook signing key could not be re-read: %s", exc.code)
+        return None
+
+
+class KeyRotation:
+    """Re-reads a rotated signing key at most once per ``min_interval`` seconds on this instance.
+
+    Senders switch to a new key as soon as it is in Key Vault; a warm instance would refuse them
+    until restarted.  A bad signature therefore may trigger one re-read, but no more often than
+    this, so unauthenticated callers cannot turn bad signatures into Key Vault traffic.
+    """
+
+    def __init__(
+        self, reread: Callable[[str], str], *, min_interval: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._reread = reread
+        self._min_interval = min_interval
+        self._clock = clock
+        self._last: float | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, stale: str) -> str | None:
+        with self._lock:
+            now = self._clock()
+            if self._last is not None and now - self._last < self._min_interval:
+                return None
+            self._last = now
+        return self._reread(stale)
 
 
 def _jobs_of(payload: object) -> tuple[list[object], bool] | WebhookResult:
@@ -213,6 +267,7 @@ def handle_webhook(
     signing_key: Callable[[], str],
     *,
     now: float | None = None,
+    refresh_key: Callable[[str], str | None] | None = None,
 ) -> WebhookResult:
     """``POST /api/webhooks/{source}``: 202 with one queue message per job, or an error and nothing."""
     if _SOURCE.fullmatch(source or "") is None:
@@ -222,7 +277,9 @@ def handle_webhook(
     if not _is_json(header(headers, "Content-Type")):
         return _fail(415, "unsupported_media_type", "Content-Type must be application/json (UTF-8)")
 
-    failure = check_signature(headers, body, signing_key, time.time() if now is None else now)
+    failure = check_signature(
+        headers, body, signing_key, time.time() if now is None else now, refresh_key
+    )
     if failure is not None:
         log.warning("source=%s webhook refused status=%d code=%s", source, failure.status,
                     failure.body["error"]["code"])

@@ -267,6 +267,10 @@ class FakeSecrets:
             raise self.fail[name]
         return self.values[name]
 
+    def refresh(self, name: str, stale: str | None = None) -> str:
+        self.reads.append(name)
+        return self.get(name)
+
     def close(self) -> None:
         pass
 

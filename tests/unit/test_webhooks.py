@@ -378,3 +378,58 @@ def test_fuzz_any_body_gets_a_documented_answer(body: bytes, content_type: str |
 def test_fuzz_signature_parser_never_raises(value: str) -> None:
     parsed = parse_signature(value)
     assert parsed is None or (parsed[0] >= 0 and 1 <= len(parsed[1]) <= 8)
+
+
+# --- key rotation ----------------------------------------------------------------------------------
+
+
+def _signed(body: bytes, key: str) -> dict[str, str]:
+    return {"Content-Type": "application/json", "X-Signature": signature_header(key.encode(), body, NOW)}
+
+
+def test_a_rotated_key_is_reread_once_and_accepted() -> None:
+    body = json.dumps(job()).encode()
+    rereads: list[str] = []
+
+    def refresh(stale: str) -> str:
+        rereads.append(stale)
+        return "the-new-key"
+
+    headers = _signed(body, "the-new-key")
+    result = handle_webhook("crm", headers, body, KeySource(), now=NOW, refresh_key=refresh)
+    assert result.status == 202
+    assert rereads == [KEY]
+
+
+def test_a_bad_signature_is_refused_even_after_a_reread() -> None:
+    body = json.dumps(job()).encode()
+    result = handle_webhook(
+        "crm", _signed(body, "attacker"), body, KeySource(), now=NOW, refresh_key=lambda stale: "the-new-key"
+    )
+    assert result.status == 401
+    assert result.body["error"]["code"] == "signature_invalid"
+    assert result.messages == []
+
+
+def test_a_failing_reread_is_still_a_401_not_a_500() -> None:
+    body = json.dumps(job()).encode()
+
+    def refresh(stale: str) -> str:
+        raise AuthError("vault down", code="keyvault_unavailable", transient=True)
+
+    result = handle_webhook("crm", _signed(body, "other"), body, KeySource(), now=NOW, refresh_key=refresh)
+    assert result.status == 401
+
+
+def test_key_rotation_rereads_at_most_once_per_interval() -> None:
+    from shared.webhooks import KeyRotation
+
+    clock = [100.0]
+    calls: list[str] = []
+    rotation = KeyRotation(lambda stale: calls.append(stale) or "k2", min_interval=60, clock=lambda: clock[0])
+    assert rotation("k1") == "k2"
+    clock[0] += 59
+    assert rotation("k1") is None  # refused: bad signatures must not become Key Vault traffic
+    clock[0] += 2
+    assert rotation("k1") == "k2"
+    assert calls == ["k1", "k1"]
