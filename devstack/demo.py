@@ -476,6 +476,8 @@ class Result:
     reconciliation: dict[str, Any] = field(default_factory=dict)
     report_blob: str = ""
     problems: list[str] = field(default_factory=list)
+    state_dir: str = ""
+    pids: list[int] = field(default_factory=list)  # the children, so a test can check none survived
 
     def to_json(self) -> dict[str, Any]:
         reasons = Counter(str(d.get("reason")) for d in self.outcome.dead.values())
@@ -494,6 +496,8 @@ class Result:
             "reconciliation": self.reconciliation,
             "reportBlob": self.report_blob,
             "problems": self.problems,
+            "stateDir": self.state_dir,
+            "pids": self.pids,
         }
 
 
@@ -726,7 +730,8 @@ class Demo:
 
     def run(self) -> Result:
         assert self.sandbox is not None
-        result = Result(jobs=self.options.jobs)
+        result = Result(jobs=self.options.jobs, state_dir=str(self.state_dir),
+                        pids=[child.process.pid for child in self.children])
         plan = plan_jobs(self.options.jobs)
         users = Users.load(self.sandbox)
         deadline = time.monotonic() + self.options.timeout
@@ -847,9 +852,13 @@ class Demo:
                      and len(outcome.written) == len(plan) - expected_dead
                      and outcome.dead_total == expected_dead and bool(result.reconciliation)
                      and not result.problems)
+        as_expected = sum(1 for p in plan if p.expect != WRITTEN
+                          and (outcome.dead.get(p.id) or {}).get("reason") == p.expect)
         self.out.step(5, f"Accounting: {len(plan)} jobs = {len(outcome.written)} written as the right user"
-                         f" + {outcome.dead_total} dead-lettered as expected,"
-                         f" {outcome.poison} poison → {self.out.ok(result.ok)}")
+                         f" + {as_expected} dead-lettered as expected → {self.out.ok(result.ok)}")
+        if outcome.poison:
+            self.out.line(f"      {outcome.poison} message(s) ended in {SYNC_QUEUE}-poison: a failure that "
+                          f"outlived the retries (see the host log)")
         for problem in result.unexpected[:10]:
             self.out.line(f"      {problem}")
 
