@@ -215,8 +215,7 @@ def test_any_request_gets_a_documented_answer_and_enqueues_all_or_nothing(
         assert kind in ("valid", "rotated")  # past the signature only with a signature over this body
 
 
-@FUZZ
-@settings(max_examples=150)
+@settings(FUZZ, max_examples=150)
 @given(batches(), st.booleans())
 def test_a_signed_batch_is_all_or_nothing(batch: tuple[list[Any], int | None], single: bool) -> None:
     jobs_sent, bad_at = batch
