@@ -55,6 +55,8 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "PATCH", "DELET
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 RECORD_NOT_FOUND_CODE = "0x80040217"
+KEY_NOT_FOUND_CODE = "0x80060891"  # no record has these alternate key values
+GONE_CODES = frozenset({RECORD_NOT_FOUND_CODE, KEY_NOT_FOUND_CODE})
 DUPLICATE_RECORD_CODE = "0x80040237"  # If-None-Match: * and the target record exists
 MODIFIED_BY = "_modifiedby_value"
 
@@ -576,7 +578,7 @@ class DataverseClient:
             response = self.request("DELETE", path, headers=headers, correlation_id=correlation_id)
         except DataverseError as exc:
             code = (exc.dataverse_code or RECORD_NOT_FOUND_CODE).lower()
-            if exc.status != 404 or code != RECORD_NOT_FOUND_CODE:
+            if exc.status != 404 or code not in GONE_CODES:
                 raise
             job_logger(logger, correlation_id).info("%s was already gone", path)
             return WriteResult("delete", entity_set, _guid(key), 404, None, True, None)

@@ -470,6 +470,12 @@ def test_delete_of_a_missing_record_is_a_noop(client: DataverseClient, mock: res
     result = client.delete("contacts", RECORD)
     assert (result.operation, result.status, result.noop) == ("delete", 404, True)
     mock.delete(
+        f"{API}contacts(emailaddress1='gone%40example.com')",
+        status=404,
+        json=error_body("0x80060891", "A record with the specified key values does not exist in contact"),
+    )
+    assert client.delete("contacts", {"emailaddress1": "gone@example.com"}).noop
+    mock.delete(
         f"{API}nosuchset({RECORD})",
         status=404,
         json=error_body("0x8006088a", "Resource not found for the segment"),
