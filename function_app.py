@@ -25,7 +25,7 @@ from shared.diagnostics import run_diagnostics
 from shared.errors import ActorError, ConfigurationError, SyncError
 from shared.jobs import is_email_address, process_message
 from shared.reconciliation import ROSTER_PATH, SNAPSHOT_PATH, run_reconciliation
-from shared.webhooks import KeyRotation, error_body, handle_webhook
+from shared.webhooks import error_body, handle_webhook
 
 if TYPE_CHECKING:
     from shared.runtime import Runtime
@@ -89,13 +89,11 @@ def _webhook_key() -> str:
     return key
 
 
-def _reread_webhook_key(stale: str) -> str:
+def _reread_webhook_key(stale: str) -> str | None:
+    """A rotated key is picked up without a restart; at most one Key Vault read a minute."""
     runtime = _runtime()
-    key: str = runtime.secrets.refresh(runtime.settings.webhook_secret_name, stale)
+    key: str | None = runtime.secrets.refresh_if_due(runtime.settings.webhook_secret_name, stale)
     return key
-
-
-_webhook_key_rotation = KeyRotation(_reread_webhook_key)
 
 
 def _blob_bytes(blob: Any) -> bytes | str | None:
@@ -132,7 +130,7 @@ def webhook(req: func.HttpRequest, jobs: func.Out[typing.List[str]]) -> func.Htt
     def handle() -> func.HttpResponse:
         source = req.route_params.get("source", "")
         result = handle_webhook(
-            source, req.headers, req.get_body(), _webhook_key, refresh_key=_webhook_key_rotation
+            source, req.headers, req.get_body(), _webhook_key, refresh_key=_reread_webhook_key
         )
         if result.status == 202:
             jobs.set(result.messages)

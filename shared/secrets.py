@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -197,6 +198,8 @@ class SecretStore:
         self._client_lock = threading.Lock()
         self._values: dict[str, str] = {}
         self._flight: SingleFlight[str] = SingleFlight()
+        self._last_refresh: dict[str, float] = {}
+        self._refresh_lock = threading.Lock()
         self.reads = 0
         register_secret(os.environ.get("IDENTITY_HEADER"))
 
@@ -225,6 +228,20 @@ class SecretStore:
             return self._read(name)
 
         return self._flight.do(("refresh", name), reread)
+
+    def refresh_if_due(self, name: str, stale: str, *, min_interval: float = 60.0) -> str | None:
+        """``refresh`` at most once per ``min_interval`` seconds, else None.
+
+        For re-reads that an unauthenticated caller can provoke (a webhook with a bad signature may
+        mean the key was rotated, or may be anybody): they must not turn into Key Vault traffic.
+        """
+        with self._refresh_lock:
+            now = time.monotonic()
+            last = self._last_refresh.get(name)
+            if last is not None and now - last < min_interval:
+                return None
+            self._last_refresh[name] = now
+        return self.refresh(name, stale)
 
     def close(self) -> None:
         with self._client_lock:

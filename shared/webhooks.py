@@ -20,7 +20,6 @@ import hashlib
 import hmac
 import logging
 import re
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -182,33 +181,6 @@ def _refreshed(refresh_key: Callable[[str], str | None] | None, stale: str) -> s
     except SyncError as exc:
         log.warning("webhook signing key could not be re-read: %s", exc.code)
         return None
-
-
-class KeyRotation:
-    """Re-reads a rotated signing key at most once per ``min_interval`` seconds on this instance.
-
-    Senders switch to a new key as soon as it is in Key Vault; a warm instance would refuse them
-    until restarted.  A bad signature therefore may trigger one re-read, but no more often than
-    this, so unauthenticated callers cannot turn bad signatures into Key Vault traffic.
-    """
-
-    def __init__(
-        self, reread: Callable[[str], str], *, min_interval: float = 60.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._reread = reread
-        self._min_interval = min_interval
-        self._clock = clock
-        self._last: float | None = None
-        self._lock = threading.Lock()
-
-    def __call__(self, stale: str) -> str | None:
-        with self._lock:
-            now = self._clock()
-            if self._last is not None and now - self._last < self._min_interval:
-                return None
-            self._last = now
-        return self._reread(stale)
 
 
 def _jobs_of(payload: object) -> tuple[list[object], bool] | WebhookResult:

@@ -267,8 +267,7 @@ class FakeSecrets:
             raise self.fail[name]
         return self.values[name]
 
-    def refresh(self, name: str, stale: str | None = None) -> str:
-        self.reads.append(name)
+    def refresh_if_due(self, name: str, stale: str, *, min_interval: float = 60.0) -> str | None:
         return self.get(name)
 
     def close(self) -> None:

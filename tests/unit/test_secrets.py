@@ -161,6 +161,25 @@ def test_refresh_under_concurrency_rereads_once(vault: FakeVault) -> None:
     assert vault.reads == 2
 
 
+def test_refresh_if_due_rereads_at_most_once_per_interval(
+    vault: FakeVault, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("shared.secrets.time.monotonic", lambda: clock[0])
+    vault.secrets["w"] = "key-1"
+    store = SecretStore(LOCAL_VAULT, FakeCredential())
+    store.get("w")
+    vault.secrets["w"] = "key-2"
+    assert store.refresh_if_due("w", "key-1", min_interval=60) == "key-2"
+    vault.secrets["w"] = "key-3"
+    clock[0] += 59
+    assert store.refresh_if_due("w", "key-2", min_interval=60) is None  # bad signatures are not KV traffic
+    assert vault.reads == 2
+    clock[0] += 2
+    assert store.refresh_if_due("w", "key-2", min_interval=60) == "key-3"
+    assert vault.reads == 3
+
+
 def test_every_secret_read_is_registered_for_redaction(vault: FakeVault) -> None:
     vault.secrets["w"] = "webhook-key-9f8e7d6c"
     SecretStore(LOCAL_VAULT, FakeCredential()).get("w")
