@@ -36,11 +36,6 @@ if TYPE_CHECKING:
 DEFAULT_QUEUE = "dynamics-sync"
 PEEK_LIMIT = 32  # the Queue service returns at most 32 messages per peek or get
 REPLAY_VISIBILITY = 120  # seconds a message stays hidden while it is being replayed
-AZURITE_DEV_CONNECTION = (  # Azurite's published development account (emulator only, not a secret)
-    "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
-    "AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;"
-    "QueueEndpoint=http://127.0.0.1:10001/devstoreaccount1;"
-)
 EXIT_OK, EXIT_LEFT, EXIT_USAGE, EXIT_STORAGE = 0, 1, 2, 3
 
 
@@ -86,8 +81,7 @@ class Storage:
         from azure.storage.queue import QueueServiceClient
 
         if connection_string:
-            if connection_string.strip().lower() == "usedevelopmentstorage=true":
-                connection_string = AZURITE_DEV_CONNECTION
+            # The SDK itself expands UseDevelopmentStorage=true to Azurite's well-known account.
             self.service = QueueServiceClient.from_connection_string(connection_string)
             self.where = self.service.url
         elif account_url:

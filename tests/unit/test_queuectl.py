@@ -220,7 +220,7 @@ def test_connection_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(queuectl.UsageError, match="no storage account"):
         queuectl.open_storage(args)
     state = tmp_path / "state.json"
-    state.write_text(json.dumps({"azurite": {"connection_string": queuectl.AZURITE_DEV_CONNECTION}}))
+    state.write_text(json.dumps({"azurite": {"connection_string": "UseDevelopmentStorage=true"}}))
     monkeypatch.setenv("DEVSTACK_STATE", str(state))
     assert "127.0.0.1:10001" in queuectl.open_storage(args).where
     args = queuectl.build_parser().parse_args(["--account-url", "http://acct", "peek", "poison"])
