@@ -74,6 +74,7 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
   kind: 'functionapp,linux'
   //checkov:skip=CKV_AZURE_212: Flex Consumption scales per function from zero; it has no minimum instance count for failover
   //checkov:skip=CKV_AZURE_213: health check evicts instances of a fixed pool; a Flex app scales from zero, so GET /api/health serves external probes
+  //checkov:skip=CKV_AZURE_78: Flex Consumption has no FTP endpoint and rejects siteConfig.ftpsState (ARM error 51021), so there is nothing to disable
   identity: {
     type: 'UserAssigned'
     userAssignedIdentities: {
@@ -85,10 +86,13 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
     httpsOnly: true
     publicNetworkAccess: 'Enabled'
     virtualNetworkSubnetId: empty(appSubnetId) ? null : appSubnetId
+    // Flex Consumption rejects (ARM error 51021) ftpsState, alwaysOn, linuxFxVersion, use32BitWorkerProcess,
+    // netFrameworkVersion, preWarmedInstanceCount, functionAppScaleLimit and the like: it has no FTP endpoint,
+    // and runtime and scale live in functionAppConfig. See "Flex Consumption plan deprecations" in the
+    // Functions app settings reference.
     siteConfig: {
       minTlsVersion: '1.2'
       scmMinTlsVersion: '1.2'
-      ftpsState: 'Disabled'
       remoteDebuggingEnabled: false
       http20Enabled: true
       appSettings: [
@@ -178,7 +182,7 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
         }
         {
           name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING'
-          value: 'ClientId=${identityClientId};Authorization=AAD'
+          value: 'Authorization=AAD;ClientId=${identityClientId}'
         }
       ]
     }

@@ -59,6 +59,33 @@ FORBIDDEN_SETTINGS = {
     "WEBSITE_CONTENTSHARE",
     "AzureWebJobsStorage",
 }
+# Site properties Flex Consumption rejects outright (ARM error 51021, "... for Flex Consumption sites is
+# invalid") or lists as not valid: "Flex Consumption plan deprecations" in the Functions app settings
+# reference. It has no FTP endpoint; runtime and scale live in functionAppConfig.
+FLEX_REJECTED_SITE_CONFIG = {
+    "ftpsState",
+    "alwaysOn",
+    "linuxFxVersion",
+    "windowsFxVersion",
+    "use32BitWorkerProcess",
+    "netFrameworkVersion",
+    "javaVersion",
+    "powerShellVersion",
+    "pythonVersion",
+    "preWarmedInstanceCount",
+    "functionAppScaleLimit",
+    "functionsRuntimeScaleMonitoringEnabled",
+    "minimumElasticInstanceCount",
+    "vnetRouteAllEnabled",
+}
+FLEX_REJECTED_SITE_PROPERTIES = {
+    "containerSize",
+    "isXenon",
+    "vnetContentShareEnabled",
+    "vnetImagePullEnabled",
+    "vnetRouteAllEnabled",
+    "vnetBackupRestoreEnabled",
+}
 # Public cloud: azure-identity's default authority is right, so the setting stays unset.
 LEFT_UNSET = {"AZURE_AUTHORITY_HOST"}
 
@@ -202,7 +229,13 @@ def function_app(infra: Infra) -> None:
     }
     assert site.get("properties.httpsOnly") is True, "HTTPS only"
     assert site.get("properties.siteConfig.minTlsVersion") == "1.2", "minimum TLS 1.2"
-    assert site.get("properties.siteConfig.ftpsState") == "Disabled", "FTP(S) off"
+    site_config = site.get("properties.siteConfig")
+    rejected = {k for k in site_config if k.lower() in {p.lower() for p in FLEX_REJECTED_SITE_CONFIG}}
+    assert not rejected, f"Flex Consumption rejects siteConfig {sorted(rejected)} (ARM error 51021)"
+    rejected = {
+        k for k in site.get("properties") if k.lower() in {p.lower() for p in FLEX_REJECTED_SITE_PROPERTIES}
+    }
+    assert not rejected, f"not valid on a Flex Consumption site: {sorted(rejected)}"
     assert site.get("properties.siteConfig.remoteDebuggingEnabled") is False, "remote debugging off"
     assert site.get("properties.siteConfig.http20Enabled") is True, "HTTP/2 on"
 
@@ -265,7 +298,7 @@ def app_settings(infra: Infra) -> None:
         )
     assert (
         settings["APPLICATIONINSIGHTS_AUTHENTICATION_STRING"]
-        == "ClientId=${identityClientId};Authorization=AAD"
+        == "Authorization=AAD;ClientId=${identityClientId}"
     )
     assert _from_module_output(
         infra,

@@ -92,7 +92,24 @@ MUTATIONS = [
     ("modules/monitoring.bicep", "DisableLocalAuth: true", "DisableLocalAuth: false", "monitoring"),
     ("modules/functionapp.bicep", "httpsOnly: true", "httpsOnly: false", "function_app"),
     ("modules/functionapp.bicep", "      minTlsVersion: '1.2'", "      minTlsVersion: '1.0'", "function_app"),
-    ("modules/functionapp.bicep", "ftpsState: 'Disabled'", "ftpsState: 'FtpsOnly'", "function_app"),
+    (
+        "modules/functionapp.bicep",
+        "      remoteDebuggingEnabled: false\n",
+        "      remoteDebuggingEnabled: false\n      ftpsState: 'Disabled'\n",
+        "function_app",
+    ),
+    (
+        "modules/functionapp.bicep",
+        "      remoteDebuggingEnabled: false\n",
+        "      remoteDebuggingEnabled: false\n      alwaysOn: true\n",
+        "function_app",
+    ),
+    (
+        "modules/functionapp.bicep",
+        "      remoteDebuggingEnabled: false\n",
+        "      remoteDebuggingEnabled: false\n      linuxFxVersion: 'Python|3.11'\n",
+        "function_app",
+    ),
     (
         "modules/functionapp.bicep",
         "remoteDebuggingEnabled: false",
@@ -119,7 +136,7 @@ MUTATIONS = [
     ),
     (
         "modules/functionapp.bicep",
-        "value: 'ClientId=${identityClientId};Authorization=AAD'",
+        "value: 'Authorization=AAD;ClientId=${identityClientId}'",
         "value: 'Authorization=AAD'",
         "app_settings",
     ),
