@@ -83,7 +83,9 @@ class Bench:
         self.w4_jobs = 300 if quick else 2000
         self.import_reps = 3 if quick else 9
         self.redelivery = _visibility_timeout()
+        self.repeat = args.repeat if args.repeat is not None else (1 if quick else 3)
         self.runs: dict[str, dict[str, Any]] = {}
+        self.repeats: dict[str, dict[str, list[dict[str, Any]]]] = {}
         self.log_dir = Path(args.log_dir)
         self.notes: list[str] = []
 
@@ -99,7 +101,13 @@ class Bench:
         result = measure(stack, label=f"{workload_name}-{name}", contender=contender, workload=workload,
                          conditions=conditions, concurrency=CONCURRENCY, redelivery_seconds=self.redelivery,
                          log_dir=self.log_dir, profile=profile, **kwargs)
-        self.runs.setdefault(workload_name, {})[name] = result
+        repeats = self.repeats.setdefault(workload_name, {}).setdefault(name, [])
+        repeats.append(result)
+        # Several runs of one contender: the one with the median throughput stands for them.
+        ranked = sorted(repeats, key=jobs_per_second)
+        chosen = dict(ranked[(len(ranked) - 1) // 2])
+        chosen["runs_jobs_per_s"] = [round(jobs_per_second(r), 1) for r in repeats]
+        self.runs.setdefault(workload_name, {})[name] = chosen
         self.log(f"  {jobs_per_second(result):.1f} jobs/s in {result['wall_s']:.2f} s, "
                  f"{failures(result)} failures, {result['lost']} lost, CPU {result['cpu_s']:.2f} s, "
                  f"others' CPU {result['machine_cpu']['others_share']:.0%}")
@@ -115,9 +123,14 @@ class Bench:
 
     def w1(self, stack: StackProcess, sdk: bool) -> None:
         conditions = Conditions(W1_LATENCY, AUTH_LATENCY)
-        for name, contender, actors in self.contenders(sdk):
-            workload = Workload(f"w1{contender[0]}{actors}", self.w1_jobs, actors)
-            self.one(stack, "W1", name, contender, workload, conditions)
+        # The close contest (all near the limit) is run several times, interleaved; the naive one,
+        # far behind and slow, once.
+        for round_ in range(self.repeat):
+            for name, contender, actors in self.contenders(sdk):
+                if round_ and name == "naive":
+                    continue
+                workload = Workload(f"w1{contender[0]}{actors}r{round_}", self.w1_jobs, actors)
+                self.one(stack, "W1", name, contender, workload, conditions)
 
     def w2(self, stack: StackProcess, sdk: bool) -> None:
         conditions = Conditions(W2_LATENCY, W2_LATENCY, dict(W2_LIMITS))
@@ -153,6 +166,10 @@ class Bench:
                 actors = ACTORS if name in ("project", "naive") else 0
                 if workload_name == "W1":
                     limit = latency_bound_jobs_per_second(run["jobs"], actors, W1_LATENCY, CONCURRENCY)
+                elif workload_name == "W2":
+                    minimum = window_minimum_seconds(run["jobs"] + actors, W2_LIMITS["requests"],
+                                                     W2_LIMITS["window_seconds"], W2_LATENCY)
+                    limit = run["jobs"] / minimum
                 if name == "project" and "naive" in runs:
                     reference, reference_name = runs["naive"], "naive"
                 if name == "project (as app)" and "Microsoft SDK" in runs:
@@ -220,6 +237,36 @@ class Bench:
         return targets
 
 
+def findings(runs: dict[str, dict[str, Any]]) -> list[str]:
+    """Side-by-side ratios that are not targets but say what the numbers mean."""
+    lines = []
+    w1, w2, w4 = runs.get("W1", {}), runs.get("W2", {}), runs.get("W4", {})
+    if "project" in w1 and "naive" in w1:
+        p, n = w1["project"], w1["naive"]
+        ratio = jobs_per_second(p) / jobs_per_second(n)
+        lines.append(f"W1: the project writes {ratio:.1f}x as many jobs/s as the naive function, with {counter(p, 'entra', 'POST token')} token request instead of "
+                     f"{counter(n, 'entra', 'POST token')} and "
+                     f"{counter(p, 'dataverse', 'GET systemusers')} lookups instead of "
+                     f"{counter(n, 'dataverse', 'GET systemusers')}.")
+    if "project" in w4 and "naive" in w4:
+        p, n = w4["project"], w4["naive"]
+        pc, nc = p["cpu_s"] / p["jobs"] * 1000, n["cpu_s"] / n["jobs"] * 1000
+        lines.append(f"W4: on one core with zero latency the project spends {pc:.2f} ms of CPU per job, "
+                     f"the naive function {nc:.2f} ms ({nc / pc:.1f}x): a TLS handshake per request and no reuse.")
+    if "Microsoft SDK" in w1:
+        sdk = w1["Microsoft SDK"]
+        lines.append(f"W1: the SDK sent {counter(sdk, 'entra', 'POST token')} token requests and "
+                     f"{counter(sdk, 'dataverse', 'GET EntityDefinitions')} metadata queries while its 24 "
+                     "first invocations ran concurrently (no single flight); the project sends 1 token "
+                     "request.")
+    if "Microsoft SDK" in w2 and "project (as app)" in w2:
+        sdk, ours = w2["Microsoft SDK"], w2["project (as app)"]
+        lines.append(f"W2: the SDK does not retry 429 (it raises), so {failures(sdk)} invocations failed and "
+                     f"waited for redelivery; the project obeyed Retry-After in process: "
+                     f"{counter(ours, 'dataverse', 'status:429')} 429s, {failures(ours)} failed invocations.")
+    return lines
+
+
 def render_markdown(results: dict[str, Any], *, heading: str = "#") -> str:
     h2 = heading + "#"
     imports = results.get("w3_imports")
@@ -244,12 +291,13 @@ def render_markdown(results: dict[str, Any], *, heading: str = "#") -> str:
     if imports or first:
         lines += [f"{h2} Cold start (W3)", ""]
         if imports:
-            top = ", ".join(f"{n} {s * 1000:.0f} ms" for n, s in imports["function_app_top"])
+            top = ", ".join(f"{n} {s * 1000:.0f} ms" for n, s in imports["function_app_parts"])
             lines += [
                 f"- `import function_app`: median {imports['function_app_s'] * 1000:.0f} ms; "
                 f"`import azure.functions, requests`: median {imports['baseline_s'] * 1000:.0f} ms "
                 f"({imports['repetitions']} alternating fresh processes each, `-X importtime`, interpreter "
-                f"start-up imports excluded) → {imports['ratio']:.2f}x. Top level: {top}.",
+                f"start-up imports excluded) → {imports['ratio']:.2f}x. "
+                f"Where one import of function_app goes: {top}.",
                 "- heavy SDKs loaded by the import: "
                 + (", ".join(imports["heavy_sdks_at_import"]) or "none (azure.identity, azure.keyvault, "
                    "requests are imported by the first job)") + ".",
@@ -263,6 +311,8 @@ def render_markdown(results: dict[str, Any], *, heading: str = "#") -> str:
                 f"(import before it {run['import_s'] * 1000:.0f} ms); requests: "
                 + ", ".join(f"{v} {k}" for k, v in kinds.items()) + ".")
         lines.append("")
+    if results.get("findings"):
+        lines += [f"{h2} What the numbers say", "", *(f"- {f}" for f in results["findings"]), ""]
     lines += [f"{h2} How these are measured", "", *METHOD, ""]
     if results.get("notes"):
         lines += [f"{h2} Notes", "", *(f"- {n}" for n in results["notes"]), ""]
@@ -286,7 +336,7 @@ METHOD = [
     f"{W2_LIMITS['window_seconds']} s window and {W2_LIMITS['concurrent']} concurrent, "
     f"{W2_LATENCY * 1000:.0f} ms latency. The window's minimum for R needed requests (jobs + lookups) = "
     "floor((R - 1) ÷ 200) x 5 s + one round trip: the k-th request cannot be admitted before "
-    "floor(k ÷ 200) windows have passed.",
+    "floor(k ÷ 200) windows have passed. Its *vs limit* is that minimum ÷ the time taken.",
     "- **W3**: see above; the first job's time includes secret (managed identity + Key Vault), token, lookup "
     "and write at W1 latencies.",
     "- **W4**: zero latency; the client process pinned to one core and the stack to the other(s): "
@@ -304,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small smoke run (figures not comparable)")
     parser.add_argument("--only", default="W1,W2,W3,W4", help="comma-separated workloads (default: all)")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="runs of each W1 contender but naive; the median counts (default 3, quick 1)")
     parser.add_argument("--profile", action="store_true", help="py-spy the project's workers (logs dir)")
     parser.add_argument("--no-install", action="store_true", help="do not pip install the SDK when missing")
     parser.add_argument("--log-dir", default=str(Path(tempfile.gettempdir()) / "bench-logs"),
@@ -343,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "targets": [t.to_dict() for t in targets],
         "w3_imports": imports,
+        "findings": findings(bench.runs),
         "runs": bench.runs,
         "notes": bench.notes,
     }
@@ -351,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("Targets:")
     print(targets_text(targets))
+    for line in results["findings"]:
+        print(f"  {line}")
     if not args.no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "latest.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

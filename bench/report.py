@@ -59,6 +59,7 @@ def row(workload: str, name: str, run: Mapping[str, Any], *, limit: float | None
         "contender": name,
         "jobs": run["jobs"],
         "jobs_per_s": rate,
+        "jobs_per_s_runs": list(run.get("runs_jobs_per_s", [])),
         "vs_limit": rate / limit if limit else None,
         "vs_reference": rate / jobs_per_second(reference) if reference else None,
         "reference": reference_name if reference else None,
@@ -79,6 +80,13 @@ def _fmt(value: float | None, pattern: str = "{:.2f}") -> str:
     return "-" if value is None else pattern.format(value)
 
 
+def _rate_text(r: Mapping[str, Any]) -> str:
+    runs = r.get("jobs_per_s_runs") or []
+    if len(runs) < 2:
+        return f"{r['jobs_per_s']:.1f}"
+    return f"{r['jobs_per_s']:.1f} ({min(runs):.0f}-{max(runs):.0f})"
+
+
 def _requests_text(kinds: Mapping[str, int]) -> str:
     return ", ".join(f"{v} {k}" for k, v in kinds.items()) or "-"
 
@@ -92,7 +100,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     for r in rows:
         vs_ref = f"{r['vs_reference']:.2f}x {r['reference']}" if r["vs_reference"] is not None else "-"
         lines.append(
-            f"| {r['workload']} | {r['contender']} | {r['jobs_per_s']:.1f} | "
+            f"| {r['workload']} | {r['contender']} | {_rate_text(r)} | "
             f"{_fmt(r['vs_limit'], '{:.0%}')} | "
             f"{vs_ref} | {_requests_text(r['dataverse_requests'])} | {r['tokens']} | {r['secret_reads']} | "
             f"{r['cpu_s_per_job'] * 1000:.2f} | {r['throttled_429']} | {r['failures']} | {r['lost']} | "
@@ -109,7 +117,7 @@ def text_table(rows: Sequence[Mapping[str, Any]]) -> str:
     for r in rows:
         vs_ref = f"{r['vs_reference']:.2f}x {r['reference']}" if r["vs_reference"] is not None else "-"
         body.append((
-            r["workload"], r["contender"], f"{r['jobs_per_s']:.1f}", _fmt(r["vs_limit"], "{:.0%}"), vs_ref,
+            r["workload"], r["contender"], _rate_text(r), _fmt(r["vs_limit"], "{:.0%}"), vs_ref,
             _requests_text(r["dataverse_requests"]), str(r["tokens"]), str(r["secret_reads"]),
             f"{r['cpu_s_per_job'] * 1000:.2f}", str(r["throttled_429"]), str(r["failures"]), str(r["lost"]),
             str(r["wrong_actor"]), _fmt(r["others_cpu_share"], "{:.0%}"),

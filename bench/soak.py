@@ -143,7 +143,7 @@ class FaultInjector:
             except Exception as exc:
                 print(f"  fault injector: counters unavailable ({exc})", file=sys.stderr)
                 continue
-            requests = sum(v for k, v in counts.items() if " " in k)  # "PATCH contacts", not "status:…"
+            requests = sum(v for k, v in counts.items() if k.endswith((" contacts", " systemusers")))
             want = int(requests * self.rate) - sum(self.injected.values())
             for _ in range(max(0, min(want, 50))):
                 kind = self.rng.choice(sorted(FAULTS))
