@@ -244,7 +244,8 @@ def findings(runs: dict[str, dict[str, Any]]) -> list[str]:
     if "project" in w1 and "naive" in w1:
         p, n = w1["project"], w1["naive"]
         ratio = jobs_per_second(p) / jobs_per_second(n)
-        lines.append(f"W1: the project writes {ratio:.1f}x as many jobs/s as the naive function, with {counter(p, 'entra', 'POST token')} token request instead of "
+        lines.append(f"W1: the project writes {ratio:.1f}x as many jobs/s as the naive function, with "
+                     f"{counter(p, 'entra', 'POST token')} token request instead of "
                      f"{counter(n, 'entra', 'POST token')} and "
                      f"{counter(p, 'dataverse', 'GET systemusers')} lookups instead of "
                      f"{counter(n, 'dataverse', 'GET systemusers')}.")
@@ -252,7 +253,8 @@ def findings(runs: dict[str, dict[str, Any]]) -> list[str]:
         p, n = w4["project"], w4["naive"]
         pc, nc = p["cpu_s"] / p["jobs"] * 1000, n["cpu_s"] / n["jobs"] * 1000
         lines.append(f"W4: on one core with zero latency the project spends {pc:.2f} ms of CPU per job, "
-                     f"the naive function {nc:.2f} ms ({nc / pc:.1f}x): a TLS handshake per request and no reuse.")
+                     f"the naive function {nc:.2f} ms ({nc / pc:.1f}x): a TLS handshake per request and no "
+                     "reuse.")
     if "Microsoft SDK" in w1:
         sdk = w1["Microsoft SDK"]
         lines.append(f"W1: the SDK sent {counter(sdk, 'entra', 'POST token')} token requests and "
