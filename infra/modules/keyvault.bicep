@@ -58,8 +58,8 @@ resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
     networkAcls: {
       bypass: 'AzureServices'
       defaultAction: networkDefaultAction
-      ipRules: [for ip in filter(allowedIpAddresses, address => !empty(address)): {
-        value: ip
+      ipRules: [for ip in filter(allowedIpAddresses, address => !empty(trim(address))): {
+        value: trim(ip)
       }]
       virtualNetworkRules: empty(appSubnetId) ? [] : [
         {

@@ -162,6 +162,13 @@ def key_vault(infra: Infra) -> None:
     assert set(t.allowed("networkDefaultAction") or []) == {"Deny", "Allow"}
     assert t.default("networkDefaultAction") == "Deny"
     assert "allowedIpAddresses" in identifiers(acls["ipRules"])
+    # KEY_VAULT_ALLOWED_IPS="1.2.3.4, 5.6.7.8" and a trailing comma must not become invalid rules.
+    ip_rules = acls["ipRules"]["loop_type"]
+    assert ip_rules["detail"]["array_name"]["function"]["type"] == "filter", "empty entries are dropped"
+    assert "trim" in str(ip_rules["detail"]["array_name"]), "blank entries are dropped"
+    assert call(acls["ipRules"]["config"]["value"], "trim") == {
+        "string_to_trim": ip_rules["detail"]["item_name"]
+    }
     assert "appSubnetId" in identifiers(acls["virtualNetworkRules"])
     assert _main_source(infra, "keyvault", "networkDefaultAction") == "keyVaultNetworkDefaultAction"
     assert infra.main.default("keyVaultNetworkDefaultAction") == "Deny", "deny by default"

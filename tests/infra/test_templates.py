@@ -62,6 +62,7 @@ MUTATIONS = [
         "enableRbacAuthorization: false",
         "key_vault",
     ),
+    ("modules/keyvault.bicep", "value: trim(ip)", "value: ip", "key_vault"),
     ("modules/keyvault.bicep", "softDeleteRetentionInDays: 90", "softDeleteRetentionInDays: 7", "key_vault"),
     ("modules/keyvault.bicep", "    enablePurgeProtection: true\n", "", "key_vault"),
     (
