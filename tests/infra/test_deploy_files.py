@@ -87,6 +87,9 @@ KEPT_OUT = [
     "package-lock.json",
     "Makefile",
     "requirements-dev.txt",
+    "requirements-bench.txt",
+    "requirements-checkov.txt",
+    ".bench-logs/run.log",
     "README.md",
 ]
 
@@ -120,3 +123,18 @@ def test_every_shipped_python_file_is_app_code(funcignore: pathspec.GitIgnoreSpe
     assert "function_app.py" in shipped or not (ROOT / "function_app.py").exists()
     stray = [p for p in shipped if p != "function_app.py" and not p.startswith("shared/")]
     assert not stray, f"would be deployed: {stray}"
+
+
+# The package is function_app.py, host.json, requirements.txt and shared/ (plus .funcignore itself).
+PACKAGE_ROOT = {"function_app.py", "host.json", "requirements.txt", "shared", ".funcignore"}
+
+
+def test_every_top_level_entry_is_shipped_on_purpose(funcignore: pathspec.GitIgnoreSpec) -> None:
+    """A new top-level file or folder (logs, caches, tool configs) must be listed in .funcignore or here."""
+    stray = [
+        entry.name
+        for entry in ROOT.iterdir()
+        if entry.name not in PACKAGE_ROOT
+        and not funcignore.match_file(entry.name + ("/" if entry.is_dir() else ""))
+    ]
+    assert not stray, f"would be deployed from the working tree: {sorted(stray)}"
