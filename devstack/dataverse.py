@@ -35,6 +35,9 @@ from devstack import odata, web
 from devstack.sandboxes import Registry, Sandbox
 
 SERVICE = "dataverse"
+WRITE_METHODS = frozenset({"POST", "PATCH", "PUT", "DELETE"})
+# Counted per write as received (``caller:<header>``), whatever the emulator then makes of them.
+CALLER_HEADERS = ("CallerObjectId", "MSCRMCallerID")
 MAX_PAGE_SIZE = 5000
 JSON_TYPE = "application/json; odata.metadata=minimal"
 APP_USER_FULLNAME = "# dataverse-s2s (application)"
@@ -532,7 +535,15 @@ class Org:
 
     # --- callers (for the app) ------------------------------------------------------------------
     def resolve_caller(self, appid: str, caller_object_id: str | None, caller_id: str | None) -> Caller:
-        """The effective user of a request, applying Dataverse's impersonation rules."""
+        """The effective user of a request, applying Dataverse's impersonation rules.
+
+        When a request carries both headers, ``MSCRMCallerID`` is used.  Dataverse documents no
+        precedence; this follows the only public statement of one, Microsoft's own ServiceClient,
+        which "prefers the Caller ID over the AADObjectID" and then sends ``MSCRMCallerID`` alone
+        [inferred].  A client should never send both: the ``caller:*`` counters show when it does.
+        """
+        if caller_id is not None and caller_id.strip():
+            caller_object_id = None
         with self.lock:
             app_user = next(
                 (u for u in self._users.values() if (u.get("applicationid") or "").lower() == appid.lower()),
@@ -1320,6 +1331,10 @@ def create_app(registry: Registry) -> Flask:
         web.bind(sandbox, SERVICE)
         org: Org = sandbox.org
         sandbox.counters.count(SERVICE, f"{request.method} {resource_name}")
+        if request.method in WRITE_METHODS:
+            for header in CALLER_HEADERS:
+                if header in request.headers:
+                    sandbox.counters.count(SERVICE, f"caller:{header}")
         if "ARRAffinity" in request.cookies:
             sandbox.counters.count(SERVICE, "cookie:ARRAffinity")
         with org.in_flight() as concurrent:

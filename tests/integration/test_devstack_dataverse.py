@@ -383,6 +383,31 @@ def test_impersonation_is_attributed(dv: Dataverse) -> None:
     assert whoami.json()["UserId"] == jane["systemuserid"]
 
 
+def test_caller_headers_received_are_counted_per_write(dv: Dataverse) -> None:
+    jane, john = dv.user("jane@contoso.com"), dv.user("john@contoso.com")
+    prefer = {"Prefer": "return=representation"}
+    as_jane = {"CallerObjectId": jane["azureactivedirectoryobjectid"]}
+    as_john = {"MSCRMCallerID": john["systemuserid"]}
+    created = dv.call("POST", "contacts?$select=contactid", json={}, headers={**prefer, **as_jane}).json()
+    path = f"contacts({created['contactid']})"
+    assert dv.call("PATCH", path, json={"firstname": "J"}, headers=as_john).status_code == 204
+    assert dv.call("GET", "WhoAmI", headers=as_jane).status_code == 200  # a read: not counted
+    assert dv.call("DELETE", path).status_code == 204  # no header: nothing to count
+    counters = dv.sandbox.counters()["dataverse"]
+    assert (counters["caller:CallerObjectId"], counters["caller:MSCRMCallerID"]) == (1, 1)
+    assert counters["POST contacts"] == 1 and counters["impersonation:applied"] == 3
+
+
+def test_both_caller_headers_mscrmcallerid_is_used(dv: Dataverse) -> None:
+    jane, john = dv.user("jane@contoso.com"), dv.user("john@contoso.com")
+    both = {"CallerObjectId": jane["azureactivedirectoryobjectid"], "MSCRMCallerID": john["systemuserid"]}
+    prefer = {"Prefer": "return=representation"}
+    body = dv.call("POST", "contacts?$select=_createdby_value", json={}, headers={**prefer, **both}).json()
+    assert body["_createdby_value"] == john["systemuserid"]
+    counters = dv.sandbox.counters()["dataverse"]
+    assert (counters["caller:CallerObjectId"], counters["caller:MSCRMCallerID"]) == (1, 1)
+
+
 def test_missing_delegate_privilege_is_403(dv: Dataverse) -> None:
     dv.sandbox.set_privilege(impersonation=False)
     jane = dv.user("jane@contoso.com")
