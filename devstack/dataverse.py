@@ -24,7 +24,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -32,7 +32,7 @@ import jwt
 from flask import Flask, Response, request
 
 from devstack import odata, web
-from devstack.sandboxes import Registry, Sandbox
+from devstack.sandboxes import DEFAULT_TENANT_ID, Registry, Sandbox
 
 SERVICE = "dataverse"
 WRITE_METHODS = frozenset({"POST", "PATCH", "PUT", "DELETE"})
@@ -1254,7 +1254,15 @@ def _read_skiptoken(token: str, primary: str) -> tuple[int, str]:
 # --- the WSGI side -----------------------------------------------------------------------------
 
 
+# One emulated web server: its affinity cookie has one value, as a real server's does.
+_AFFINITY = uuid.uuid4().hex + uuid.uuid4().hex
+_COOKIE_TAIL = "path=/; secure; HttpOnly"
+
+
 def _common_headers(response: Response, org: Org | None) -> Response:
+    """Headers every Dataverse answer carries (a real capture: Learn, "Use PowerShell and Visual Studio
+    Code with the Dataverse Web API", Fiddler section): request ids, the dop hint, the debugging
+    ``x-ms-ratelimit-*`` pair (time in SECONDS, formatted ``1,199.46``) and three cookies."""
     request_id = str(uuid.uuid4())
     response.headers["OData-Version"] = "4.0"
     response.headers["REQ_ID"] = request_id
@@ -1263,11 +1271,13 @@ def _common_headers(response: Response, org: Org | None) -> Response:
         requests_left, ms_left = org.remaining()
         response.headers["x-ms-dop-hint"] = str(org.dop_hint)
         response.headers["x-ms-ratelimit-burst-remaining-xrm-requests"] = str(requests_left)
-        response.headers["x-ms-ratelimit-time-remaining-xrm-requests"] = f"{ms_left:.2f}"
+        response.headers["x-ms-ratelimit-time-remaining-xrm-requests"] = f"{ms_left / 1000.0:,.2f}"
     # Server affinity, as Azure's front end sets it; clients that want throughput drop it.
-    response.headers.add(
-        "Set-Cookie", f"ARRAffinity={uuid.uuid4().hex}{uuid.uuid4().hex}; Path=/; HttpOnly; Secure"
-    )
+    response.headers.add("Set-Cookie", f"ARRAffinity={_AFFINITY}; {_COOKIE_TAIL}")
+    expires = (datetime.now(UTC) + timedelta(days=365 * 50)).strftime("%a, %d-%b-%Y %H:%M:%S GMT")
+    response.headers.add("Set-Cookie", f"ReqClientId={uuid.uuid4()}; expires={expires}; {_COOKIE_TAIL}")
+    if org is not None:
+        response.headers.add("Set-Cookie", f"orgId={org.organization_id}; expires={expires}; {_COOKIE_TAIL}")
     return response
 
 
@@ -1279,9 +1289,12 @@ def _error_response(err: DataverseError) -> Response:
 
 
 def _unauthorized(tenant_id: str | None, resource: str) -> Response:
+    """Empty 401 naming the environment's tenant: clients (ServiceClient, XrmToolBox) discover the
+    tenant from it, so it is never ``common``.  A request with no token names no sandbox, so the
+    `default` sandbox's tenant stands in (as for the Key Vault challenge)."""
     response = Response(b"", status=401)
     response.headers["WWW-Authenticate"] = (
-        f"Bearer authorization_uri=https://login.microsoftonline.com/{tenant_id or 'common'}"
+        f"Bearer authorization_uri=https://login.microsoftonline.com/{tenant_id or DEFAULT_TENANT_ID}"
         "/oauth2/authorize, "
         f"resource_id={resource.rstrip('/')}/"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import http.cookiejar
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ import requests
 
 from devstack.control import SandboxClient, Stack
 from devstack.odata import quote_literal
+from devstack.sandboxes import DEFAULT_TENANT_ID
 
 pytestmark = pytest.mark.integration
 
@@ -105,7 +107,7 @@ def test_missing_token_gets_empty_401_with_bearer_challenge(dv: Dataverse) -> No
     assert response.status_code == 401
     assert response.content == b""
     assert response.headers["WWW-Authenticate"] == (
-        "Bearer authorization_uri=https://login.microsoftonline.com/common/oauth2/authorize, "
+        f"Bearer authorization_uri=https://login.microsoftonline.com/{DEFAULT_TENANT_ID}/oauth2/authorize, "
         f"resource_id={dv.url}/"
     )
 
@@ -141,9 +143,14 @@ def test_whoami_and_the_service_headers(dv: Dataverse) -> None:
     assert uuid.UUID(headers["REQ_ID"]) and headers["x-ms-service-request-id"] == headers["REQ_ID"]
     assert headers["x-ms-dop-hint"] == "4"
     assert int(headers["x-ms-ratelimit-burst-remaining-xrm-requests"]) == 5999
-    assert float(headers["x-ms-ratelimit-time-remaining-xrm-requests"]) > 0
-    assert "ARRAffinity=" in headers["Set-Cookie"]
-    assert dv.sandbox.counters()["dataverse"]["GET WhoAmI"] == 1
+    # Seconds, with a grouping comma, as a real environment writes it ("1,200.00" then "1,199.97").
+    assert re.fullmatch(r"1,(200\.00|199\.\d\d)", headers["x-ms-ratelimit-time-remaining-xrm-requests"])
+    cookies = {c.name: c for c in response.cookies}
+    assert set(cookies) == {"ARRAffinity", "ReqClientId", "orgId"}
+    assert cookies["orgId"].value == body["OrganizationId"] and cookies["ARRAffinity"].secure
+    again = dv.call("GET", "WhoAmI").cookies
+    assert again["ARRAffinity"] == cookies["ARRAffinity"].value  # one web server, one affinity value
+    assert dv.sandbox.counters()["dataverse"]["GET WhoAmI"] == 2
 
 
 def test_affinity_cookie_sent_back_is_counted(sandbox: SandboxClient) -> None:
