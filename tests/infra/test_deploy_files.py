@@ -138,3 +138,22 @@ def test_every_top_level_entry_is_shipped_on_purpose(funcignore: pathspec.GitIgn
         and not funcignore.match_file(entry.name + ("/" if entry.is_dir() else ""))
     ]
     assert not stray, f"would be deployed from the working tree: {sorted(stray)}"
+
+
+_README_OUTPUT = re.compile(r"properties\.outputs\.([A-Za-z0-9_]+)\.value|azd env get-value ([A-Z0-9_]+)")
+
+
+def test_readme_reads_only_outputs_main_bicep_has(infra: Infra) -> None:
+    """The Deploy section finds the app and the vault by deployment output, never by `list ... [0]`."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("\n## Deploy to Azure")
+    end = text.find("\n## ", start + 1)
+    readme = text[start : end if end != -1 else None]
+    named = {a or b for a, b in _README_OUTPUT.findall(readme)}
+    assert {"AZURE_FUNCTION_APP_NAME", "AZURE_KEY_VAULT_NAME"} <= named
+    assert named <= set(infra.main.outputs), (
+        f"not outputs of main.bicep: {sorted(named - set(infra.main.outputs))}"
+    )
+    assert "--query '[0].name'" not in readme, (
+        "picking the first app or vault of a resource group may pick another's"
+    )
