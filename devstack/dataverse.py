@@ -243,6 +243,7 @@ class Org:
         self.impersonation_privilege = True
         self.dop_hint = 4
         self.limits = Limits()
+        self.clock: Callable[[], float] = time.monotonic  # the window's clock (tests replace it)
         self._window: deque[_Entry] = deque()
         self._used_ms = 0.0  # running sum of the window's execution times
         self._in_flight = 0
@@ -482,32 +483,41 @@ class Org:
             self._used_ms -= entry.ms
 
     def admit(self, concurrent_at_arrival: int) -> _Entry:
-        """Admit a request into the window or raise the 429 Dataverse would answer (not executed)."""
-        now = time.monotonic()
+        """Admit a request into the window or raise the 429 Dataverse would answer (not executed).
+
+        A refused request still counts as one the user sent: a client that keeps sending while
+        throttled sees ``Retry-After`` grow ("If the application continues to send such demanding
+        requests, the duration will be extended" — Learn, Service protection API limits), while one
+        that waits as told is admitted when the wait is over.
+        """
+        now = self.clock()
         limits = self.limits
         with self.lock:
             self._trim(now)
+            entry = _Entry(now)
+            self._window.append(entry)
             if concurrent_at_arrival > limits.concurrent:
                 raise _throttled(
                     CODE_LIMIT_CONCURRENCY,
                     f"Number of concurrent requests exceeded the limit of {limits.concurrent}.",
                     1.0,
                 )
-            if len(self._window) >= limits.requests:
-                wait = self._window[0].at + limits.window_seconds - now
+            if len(self._window) > limits.requests:
+                # Admitted again once enough of the window (this request included) has aged out.
+                leaving = self._window[len(self._window) - limits.requests]
                 raise _throttled(
                     CODE_LIMIT_REQUESTS,
                     f"Number of requests exceeded the limit of {limits.requests} over time window of "
                     f"{_seconds(limits.window_seconds)} seconds.",
-                    wait,
+                    leaving.at + limits.window_seconds - now,
                 )
             used = self._used_ms
             if used >= limits.execution_ms:
                 wait = self._window[-1].at + limits.window_seconds - now
-                for entry in self._window:
-                    used -= entry.ms
+                for old in self._window:
+                    used -= old.ms
                     if used < limits.execution_ms:
-                        wait = entry.at + limits.window_seconds - now
+                        wait = old.at + limits.window_seconds - now
                         break
                 raise _throttled(
                     CODE_LIMIT_TIME,
@@ -516,8 +526,6 @@ class Org:
                     "number of concurrent requests or reduce the duration of requests and try again later.",
                     wait,
                 )
-            entry = _Entry(now)
-            self._window.append(entry)
             return entry
 
     def finish(self, entry: _Entry, started: float) -> None:
@@ -529,7 +537,7 @@ class Org:
     def remaining(self) -> tuple[int, float]:
         """(requests, execution ms) left in the window: the x-ms-ratelimit-* debugging headers."""
         with self.lock:
-            self._trim(time.monotonic())
+            self._trim(self.clock())
             used = self._used_ms
             return max(self.limits.requests - len(self._window), 0), max(self.limits.execution_ms - used, 0.0)
 
