@@ -57,7 +57,9 @@ CODE_KEY_NOT_FOUND = "0x80060891"  # RecordNotFoundByEntityKey
 CODE_DUPLICATE_KEY = "0x80060892"  # DuplicateRecordEntityKey
 CODE_DUPLICATE = "0x80040237"  # DuplicateRecord
 CODE_VERSION_MISMATCH = "0x80060882"  # ConcurrencyVersionMismatch
-CODE_SEGMENT = "0x8006088a"  # resource not found for the segment
+# Resource not found for the segment: 404 0x80060888 in Learn's 2024 PowerShell walkthrough and in
+# captured answers; the 2022 troubleshooting article shows 0x8006088a (CrmHttpError), an older value.
+CODE_SEGMENT = "0x80060888"
 CODE_ODATA = odata.SYNTAX_ERROR_CODE  # 0x80060888: query syntax, unknown property
 CODE_PAYLOAD = "0x80048d19"  # error identified in payload
 CODE_NO_DELEGATE = "0x8004A110"  # CannotActOnBehalfOfAnotherUser
@@ -616,7 +618,8 @@ class Org:
                     412,
                     CODE_DUPLICATE_KEY,
                     f"Entity Key {table.key_name(key)} violated. A record with the same value for "
-                    f"{','.join(key)} already exists. A duplicate record cannot be created.",
+                    f"{','.join(key)} already exists. A duplicate record cannot be created. Select one or "
+                    "more unique values and try again.",
                 )
 
     def create(
@@ -625,7 +628,9 @@ class Org:
         with self.lock:
             rid = record_id or str(uuid.uuid4())
             if rid in table.records:
-                raise DataverseError(412, CODE_DUPLICATE, "A record with matching key values already exists.")
+                # A create naming an id that exists ([obs] in SDK faults; the If-None-Match: * upsert
+                # guard answers "A record with matching key values already exists." instead).
+                raise DataverseError(412, CODE_DUPLICATE, "Cannot insert duplicate key.")
             now = _now_text()
             on_behalf = caller.on_behalf_of["systemuserid"] if caller.on_behalf_of else None
             record: dict[str, Any] = {table.primary_id: rid, **data}

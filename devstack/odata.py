@@ -119,8 +119,11 @@ def _read_string(text: str, start: int) -> tuple[str, int]:
     while True:
         j = text.find("'", i)
         if j < 0:
+            # Worded and positioned (at the end of the text) as Dataverse answers it: Learn, "Filter
+            # rows using OData" quotes "There is an unterminated literal at position 21 in
+            # 'lastname eq 'O'Bryan''."
             raise ODataSyntaxError(
-                f"There is an unterminated string literal at position {start} in '{text}'.", start
+                f"There is an unterminated literal at position {len(text)} in '{text}'.", len(text)
             )
         out.append(text[i:j])
         if j + 1 < len(text) and text[j + 1] == "'":

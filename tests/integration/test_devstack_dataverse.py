@@ -246,7 +246,7 @@ def test_user_by_id_and_unknown_properties(dv: Dataverse) -> None:
     segment = dv.call("GET", "Contacts")
     assert segment.status_code == 404
     assert error_of(segment) == {
-        "code": "0x8006088a",
+        "code": "0x80060888",
         "message": "Resource not found for the segment 'Contacts'.",
     }
 
@@ -284,8 +284,17 @@ def test_alternate_key_errors(dv: Dataverse) -> None:
     assert dv.call("POST", "accounts", json={"name": "A", "accountnumber": "001"}).status_code == 204
     duplicate = dv.call("POST", "accounts", json={"name": "B", "accountnumber": "001"})
     assert duplicate.status_code == 412
-    assert error_of(duplicate)["code"] == "0x80060892"
+    assert error_of(duplicate) == {
+        "code": "0x80060892",
+        "message": "Entity Key account_accountnumber_key violated. A record with the same value for "
+        "accountnumber already exists. A duplicate record cannot be created. Select one or more unique "
+        "values and try again.",
+    }
     assert len(dv.sandbox.records("accounts")) == 1
+    account_id = dv.sandbox.records("accounts")[0]["accountid"]
+    same_id = dv.call("POST", "accounts", json={"name": "C", "accountid": account_id})
+    assert same_id.status_code == 412
+    assert error_of(same_id) == {"code": "0x80040237", "message": "Cannot insert duplicate key."}
 
 
 def test_if_match_and_if_none_match(dv: Dataverse) -> None:

@@ -109,7 +109,11 @@ def test_unescaped_quote_is_refused_not_guessed() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("name eq 'x", "There is an unterminated string literal at position 8 in 'name eq 'x'."),
+        ("name eq 'x", "There is an unterminated literal at position 10 in 'name eq 'x'."),
+        (  # Learn, "Filter rows using OData"
+            "lastname eq 'O'Bryan'",
+            "There is an unterminated literal at position 21 in 'lastname eq 'O'Bryan''.",
+        ),
         ("name eqq 'x'", "Syntax error at position 5 in 'name eqq 'x''."),
         ("name EQ 'x'", "Syntax error at position 5 in 'name EQ 'x''."),
         ("", "Syntax error at position 0 in ''."),
