@@ -854,12 +854,16 @@ class _Request:
         return out
 
     def collection(self, rows: list[dict[str, Any]], q: _Query, primary: str, set_name: str) -> Response:
-        """Filter, page by an opaque paging cookie over the primary id, shape: one GET answer."""
+        """Filter, page by an opaque paging cookie over the primary id, shape: one GET answer.
+
+        ``$top`` limits the answer unless ``Prefer: odata.maxpagesize`` is sent too: then, as Learn
+        ("Page results using OData") says, ``$top`` is ignored and the answer is paged.
+        """
         matches = [r for r in rows if q.filter is None or odata.evaluate(q.filter, r)]
         matches.sort(key=lambda r: str(r[primary]))
         total = len(matches)
         next_link = None
-        if q.top is not None:
+        if q.top is not None and "odata.maxpagesize" not in self.prefer:
             page = matches[: q.top]
         else:
             size = self.page_size()
@@ -872,9 +876,7 @@ class _Request:
                 token = _make_skiptoken(
                     page_number + 1, primary, str(page[-1][primary]), str(page[0][primary])
                 )
-                params = {k: v for k, v in q.raw.items() if k != "$skiptoken"}
-                encoded = "&".join(f"{quote(k, safe='$')}={quote(v, safe='')}" for k, v in params.items())
-                next_link = f"{self.api}/{set_name}?{encoded + '&' if encoded else ''}$skiptoken={token}"
+                next_link = f"{self.api}/{set_name}?{_query_without_skiptoken()}$skiptoken={token}"
         cols = f"({','.join(q.select)})" if q.select else ""
         body: dict[str, Any] = {"@odata.context": self.context(f"{set_name}{cols}")}
         if q.count:
@@ -1240,28 +1242,42 @@ class _Request:
 # --- paging cookies ----------------------------------------------------------------------------
 
 
+def _query_without_skiptoken() -> str:
+    """The query as the client sent it (still encoded), less any $skiptoken, ending in ``&`` if any."""
+    raw = request.query_string.decode("latin-1")
+    kept = [part for part in raw.split("&") if part and unquote(part.partition("=")[0]) != "$skiptoken"]
+    return "".join(f"{part}&" for part in kept)
+
+
+def _quote_lower(text: str) -> str:
+    """Percent-encode everything but letters, digits and ``_.-~``, with lower-case hex digits."""
+    return re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), quote(text, safe=""))
+
+
 def _make_skiptoken(page_number: int, primary: str, last: str, first: str) -> str:
-    """A token shaped like Dataverse's: an encoded <cookie> whose pagingcookie is encoded twice more."""
-    inner = f'<cookie page="{page_number - 1}"><{primary} last="{{{last}}}" first="{{{first}}}" /></cookie>'
-    cookie = (
-        f'<cookie pagenumber="{page_number}" pagingcookie="{quote(quote(inner, safe=""), safe="")}" '
-        'istracking="False" />'
+    """A $skiptoken exactly as Dataverse writes one (Learn, "Page results using OData"): an encoded
+    ``<cookie>`` whose ``pagingcookie`` attribute holds the previous page's cookie, encoded once more
+    with lower-case hex, the ids upper case in braces.  The server decodes the query once, so a link
+    decoded (its two layers then collapse when re-encoded) or encoded again on the way no longer
+    parses: the link must be followed verbatim."""
+    inner = (
+        f'<cookie page="{page_number - 1}"><{primary} last="{{{last.upper()}}}" '
+        f'first="{{{first.upper()}}}" /></cookie>'
     )
-    return quote(cookie, safe="")
+    cookie = f'<cookie pagenumber="{page_number}" pagingcookie="{_quote_lower(inner)}" istracking="False" />'
+    return quote(cookie, safe="=/")
 
 
 def _read_skiptoken(token: str, primary: str) -> tuple[int, str]:
     bad = DataverseError(400, CODE_ODATA, "The $skiptoken value is not valid.")
-    m = re.fullmatch(r'<cookie pagenumber="([0-9]+)" pagingcookie="([^"]*)" istracking="False" />', token)
+    m = re.fullmatch(r'<cookie pagenumber="([0-9]+)" pagingcookie="([^"<>]*)" istracking="False" />', token)
     if not m:
         raise bad
-    inner = unquote(unquote(m.group(2)))
-    if quote(quote(inner, safe=""), safe="") != m.group(2):
-        raise bad  # decoded or re-encoded on the way: the link was not followed verbatim
-    last = re.search(rf'<{re.escape(primary)} last="\{{([^}}]*)\}}"', inner)
+    inner = unquote(m.group(2))
+    last = re.search(rf'<{re.escape(primary)} last="\{{({_GUID_RE.pattern})\}}"', inner)
     if not last:
         raise bad
-    return int(m.group(1)), last.group(1)
+    return int(m.group(1)), last.group(1).lower()
 
 
 # --- the WSGI side -----------------------------------------------------------------------------
