@@ -10,8 +10,8 @@ Why each rule is here:
   connections back off exponentially with full jitter.  Both stop at ``DATAVERSE_MAX_RETRIES``
   retries and ``DATAVERSE_MAX_RETRY_SECONDS`` of waiting: the last error is raised as transient,
   and the queue's own retry takes over.  A request that may have reached the server is resent
-  only when it is idempotent; a keyless ``POST`` (create) is not, so a timeout never creates a
-  record twice.
+  only when it is idempotent; a keyless ``POST`` (create) is not, so a timeout or a gateway's
+  502/503/504 never creates a record twice (a 429 is safe: throttling refuses before running).
 * 401: the token is dropped and the request sent once more with a new one.
 * Impersonated writes ask for ``_modifiedby_value`` back and compare it with the actor:
   Dataverse silently runs a write as the application user when it does not recognise the caller.
@@ -54,6 +54,9 @@ BACKOFF_CAP_SECONDS = 30.0
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "PATCH", "DELETE"})
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 RETRY_AFTER_STATUSES = frozenset({429, 503})
+# 429 is service protection refusing the request before running it; a 502/503/504 from a gateway
+# may come after the server applied it, so a non-idempotent request is not resent after one.
+NOT_EXECUTED_STATUSES = frozenset({429})
 RECORD_NOT_FOUND_CODE = "0x80040217"
 KEY_NOT_FOUND_CODE = "0x80060891"  # no record has these alternate key values
 GONE_CODES = frozenset({RECORD_NOT_FOUND_CODE, KEY_NOT_FOUND_CODE})
@@ -317,6 +320,10 @@ class DataverseClient:
                     continue
                 error = self._http_error(response, label)
                 if status not in RETRY_STATUSES:
+                    raise error
+                if not idempotent and status not in NOT_EXECUTED_STATUSES:
+                    log.warning("%s answered %s; not resent: not idempotent, may have been applied",
+                                label, status)
                     raise error
                 if status in RETRY_AFTER_STATUSES and error.retry_after is not None:
                     wait = error.retry_after

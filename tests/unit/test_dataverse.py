@@ -313,6 +313,29 @@ def test_post_is_resent_when_the_connection_was_never_made(
     assert len(mock.calls) == 2
 
 
+@pytest.mark.parametrize("status", [502, 503, 504])
+def test_keyless_post_is_not_resent_after_a_gateway_5xx(
+    client: DataverseClient, clock: Clock, mock: responses.RequestsMock, status: int
+) -> None:
+    """A gateway may answer 5xx after the server created the record: resending could create a second."""
+    mock.post(f"{API}contacts", status=status, headers={"Retry-After": "1"})
+    mock.post(f"{API}contacts", status=204, headers={"OData-EntityId": f"{API}contacts({RECORD})"})
+    with pytest.raises(DataverseError) as info:
+        client.create("contacts", {"lastname": "Lovelace"})
+    assert (info.value.status, info.value.transient) == (status, True)
+    assert len(mock.calls) == 1 and clock.sleeps == []
+
+
+def test_keyless_post_is_resent_after_a_429(
+    client: DataverseClient, clock: Clock, mock: responses.RequestsMock
+) -> None:
+    """Service protection refuses before running the request, so a 429 is safe to resend."""
+    mock.post(f"{API}contacts", status=429, headers={"Retry-After": "3"}, json=error_body("0x80072322", "x"))
+    mock.post(f"{API}contacts", status=204, headers={"OData-EntityId": f"{API}contacts({RECORD})"})
+    assert client.create("contacts", {"lastname": "Lovelace"}).record_id == RECORD
+    assert len(mock.calls) == 2 and clock.sleeps == [3.0]
+
+
 def test_post_is_not_resent_after_a_dropped_connection(
     client: DataverseClient, mock: responses.RequestsMock
 ) -> None:
