@@ -345,6 +345,9 @@ def render_markdown(results: dict[str, Any], *, heading: str = "#") -> str:
         lines.append("")
     if results.get("findings"):
         lines += [f"{h2} What the numbers say", "", *(f"- {f}" for f in results["findings"]), ""]
+    soak = RESULTS / "soak-latest.md"
+    if soak.is_file():
+        lines += [f"{h2} Soak (`make soak`, latest run)", "", soak.read_text(encoding="utf-8").strip(), ""]
     lines += [f"{h2} How these are measured", "", *METHOD, ""]
     if results.get("notes"):
         lines += [f"{h2} Notes", "", *(f"- {n}" for n in results["notes"]), ""]

@@ -301,6 +301,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"soak: {plan.jobs} jobs ({Counter(kinds)}), faults on {args.fault_rate:.0%} of Dataverse "
           f"requests, timeout {args.timeout:.0f} s; host log in {log_dir / 'soak-host.log'}", flush=True)
     started = time.monotonic()
+    load = os.getloadavg()
     with StackProcess(azurite=True) as stack:
         connection = stack.stack.azurite["connection_string"]
         sbx = stack.stack.create_sandbox(seed="default", users=ACTORS)
@@ -347,7 +348,11 @@ def run(args: argparse.Namespace) -> int:
         counters = sbx.counters()
     sheet = balance(plan, kinds, records, dead, poison)
     memory = memory_verdict(sampler.samples, progress, plan.jobs)
-    print_sheet(plan, sheet, memory, injector.injected, counters, elapsed, gave_up, leftover, args)
+    lines = sheet_lines(plan, sheet, memory, injector.injected, counters, elapsed, gave_up, leftover, args)
+    print()
+    print("\n".join(lines))
+    if not args.no_write:
+        print(f"\nwrote {write_results(lines, args, load)}")
     ok = sheet["balanced"] and not gave_up and bool(memory.get("flat"))
     return 0 if ok else 1
 
@@ -404,39 +409,60 @@ def balance(plan: Plan, kinds: list[str], records: set[str], dead: list[dict[str
     }
 
 
-def print_sheet(plan: Plan, sheet: dict[str, Any], memory: dict[str, Any], injected: Counter[str],
+def sheet_lines(plan: Plan, sheet: dict[str, Any], memory: dict[str, Any], injected: Counter[str],
                 counters: dict[str, dict[str, int]], elapsed: float, gave_up: bool, leftover: int,
-                args: argparse.Namespace) -> None:
+                args: argparse.Namespace) -> list[str]:
     counts, expected = sheet["counts"], sheet["expected"]
     dv = counters.get("dataverse", {})
-    print()
     gave_up_text = (f"  (GAVE UP after {args.timeout:.0f} s, {leftover} messages still queued)"
                     if gave_up else "")
-    print(f"Balance sheet: {plan.jobs} jobs in {elapsed:.0f} s{gave_up_text}")
-    print(f"  {'written to Dataverse':32} {counts.get(WRITTEN, 0):>7}   expected {expected.get(WRITTEN, 0)}")
-    for reason, n in sorted(sheet["reasons"].items()):
-        print(f"  {'dead-letter: ' + reason:32} {n:>7}")
-    print(f"  {'dead-letter total':32} {counts.get(DEAD, 0):>7}   expected {expected.get(DEAD, 0)}")
-    print(f"  {'poison':32} {counts.get(POISONED, 0):>7}   expected {expected.get(POISONED, 0)} "
-          f"(table '{DOWN_TABLE}' down)")
-    print(f"  {'-' * 50}")
-    print(f"  {'accounted':32} {sum(counts.values()):>7} / {plan.jobs}   "
-          f"balanced: {'yes' if sheet['balanced'] else 'NO'}")
-    print(f"  missing {len(sheet['missing'])}, in two places {len(sheet['twice'])}, in the wrong place "
-          f"{len(sheet['misplaced'])}, unknown messages {sheet['unknown_messages']}")
-    for item in sheet["misplaced"][:5]:
-        print(f"    {item}")
-    print(f"  faults injected: {dict(injected)} on {sum(v for k, v in dv.items() if ' ' in k)} Dataverse "
-          f"requests; statuses answered: "
-          + ", ".join(f"{k[7:]}={v}" for k, v in sorted(dv.items()) if k.startswith("status:")))
+    lines = [
+        f"Balance sheet: {plan.jobs} jobs in {elapsed:.0f} s{gave_up_text}",
+        f"  {'written to Dataverse':32} {counts.get(WRITTEN, 0):>7}   expected {expected.get(WRITTEN, 0)}",
+        *(f"  {'dead-letter: ' + reason:32} {n:>7}" for reason, n in sorted(sheet["reasons"].items())),
+        f"  {'dead-letter total':32} {counts.get(DEAD, 0):>7}   expected {expected.get(DEAD, 0)}",
+        f"  {'poison':32} {counts.get(POISONED, 0):>7}   expected {expected.get(POISONED, 0)} "
+        f"(table '{DOWN_TABLE}' down)",
+        f"  {'-' * 50}",
+        f"  {'accounted':32} {sum(counts.values()):>7} / {plan.jobs}   "
+        f"balanced: {'yes' if sheet['balanced'] else 'NO'}",
+        f"  missing {len(sheet['missing'])}, in two places {len(sheet['twice'])}, in the wrong place "
+        f"{len(sheet['misplaced'])}, unknown messages {sheet['unknown_messages']}",
+        *(f"    {item}" for item in sheet["misplaced"][:5]),
+        f"  faults injected: {dict(sorted(injected.items()))} over "
+        f"{sum(v for k, v in dv.items() if ' ' in k)} Dataverse requests; statuses answered: "
+        + ", ".join(f"{k[7:]}={v}" for k, v in sorted(dv.items()) if k.startswith("status:")),
+    ]
     if memory.get("flat") is None:
-        print(f"  host memory: {memory.get('reason')}")
+        lines.append(f"  host memory: {memory.get('reason')}")
     else:
-        print(f"  host RSS: start {memory['start_mib']:.0f} MiB, after warm-up "
-              f"{memory['after_warmup_mib']:.0f}, end {memory['end_mib']:.0f}, max {memory['max_mib']:.0f} "
-              f"({memory['samples']} samples): growth {memory['growth_mib']:+.1f} MiB "
-              f"(allowed {memory['allowed_mib']:.0f}) -> "
-              f"{'flat' if memory['flat'] else 'NOT FLAT'}")
+        lines.append(
+            f"  host RSS: start {memory['start_mib']:.0f} MiB, "
+            f"after warm-up {memory['after_warmup_mib']:.0f}, end {memory['end_mib']:.0f}, "
+            f"max {memory['max_mib']:.0f} ({memory['samples']} samples): "
+            f"growth {memory['growth_mib']:+.1f} MiB (allowed {memory['allowed_mib']:.0f}) -> "
+            f"{'flat' if memory['flat'] else 'NOT FLAT'}")
+    return lines
+
+
+def write_results(lines: list[str], args: argparse.Namespace, load: tuple[float, float, float]) -> Path:
+    from bench import machine
+
+    described = machine.describe()
+    described["load_average_at_start"] = [round(x, 2) for x in load]
+    path = ROOT / "bench" / "results" / "soak-latest.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "\n".join([
+        f"`make soak` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}): {args.jobs} jobs through the "
+        f"local host (Azurite + emulators, host.json concurrency), Dataverse latency "
+        f"{args.latency * 1000:.0f} ms, faults on {args.fault_rate:.0%} of Dataverse requests (429 with "
+        f"Retry-After, 503, timeout, dropped connection), {args.bad_rate:.0%} permanently bad jobs (unknown "
+        f"actor, disabled actor, invalid schema), {args.poison_rate:.1%} of jobs to a table that is down for "
+        "the whole run.",
+        "", "```", *lines, "```", "", machine.markdown(described), "",
+    ])
+    path.write_text(text, encoding="utf-8")
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -449,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds")
     parser.add_argument("--log-dir", default=str(Path(tempfile.gettempdir()) / "bench-logs"))
+    parser.add_argument("--no-write", action="store_true", help="do not write bench/results/soak-latest.md")
     return run(parser.parse_args(argv))
 
 
