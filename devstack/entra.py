@@ -18,6 +18,10 @@ from devstack.sandboxes import KEYVAULT_AUDIENCE, Registry, Sandbox
 
 RESERVED_SCOPES = frozenset({"openid", "profile", "offline_access"})
 GRAPH = "https://graph.microsoft.com"
+# First-party resources every tenant has a service principal for (besides Key Vault and Graph).
+WELL_KNOWN_RESOURCES = frozenset({
+    "https://management.azure.com", "https://storage.azure.com", "https://monitor.azure.com",
+})
 
 
 def aad_error(status: int, error: str, code: int, message: str) -> Response:
@@ -48,8 +52,9 @@ def _tenant_not_found(tenant: str) -> Response:
         "are no active subscriptions for the tenant.")
 
 
-def _known_resources(registry: Registry) -> set[str]:
-    resources = {KEYVAULT_AUDIENCE, GRAPH}
+def known_resources(registry: Registry) -> set[str]:
+    """Resources this emulated tenant can issue tokens for (lower case, no trailing slash)."""
+    resources = {KEYVAULT_AUDIENCE, GRAPH, *WELL_KNOWN_RESOURCES}
     if "dataverse" in registry.urls:
         resources.add(registry.urls["dataverse"].rstrip("/").lower())
     return resources
@@ -162,7 +167,7 @@ def create_app(registry: Registry) -> Flask:
                 f"The provided client secret keys for app '{sandbox.client_id}' are expired. Visit the Azure "
                 "portal to create new keys for your app: https://aka.ms/NewClientSecret, or consider using "
                 "certificate credentials for added security: https://aka.ms/certCreds.")
-        if resource.lower() not in _known_resources(registry):
+        if resource.lower() not in known_resources(registry):
             return aad_error(
                 400, "invalid_resource", 500011,
                 f"The resource principal named {resource} was not found in the tenant named "

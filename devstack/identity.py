@@ -4,7 +4,11 @@ Speaks what MSAL's ``_obtain_token_on_app_service`` (used by azure-identity's
 ManagedIdentityCredential) sends: ``GET ?api-version=2019-08-01&resource=...`` with
 ``X-IDENTITY-HEADER``, optionally ``client_id`` / ``object_id`` / ``mi_res_id`` for a user-assigned
 identity.  Success carries ``expires_on`` as epoch seconds in a string; failures carry
-``statusCode`` / ``message`` / ``correlationId`` like the real sidecar.
+``statusCode`` / ``message`` / ``correlationId`` like the real sidecar, with its messages: an
+identity id it does not know is 400 "No User Assigned or Delegated Managed Identity found for
+specified ClientId/ResourceId/PrincipalId." (MSAL.NET's App Service end-to-end tests), a resource
+Entra does not know is 500 "An unexpected error occured while fetching the AAD Token." (sic; MSAL
+Python: "Empirically, wrong resource ends up with a vague statusCode=500").
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import uuid
 from flask import Flask, Response, jsonify, request
 
 from devstack import web
+from devstack.entra import known_resources
 from devstack.sandboxes import Registry, Sandbox
 
 API_VERSION = "2019-08-01"
@@ -26,15 +31,19 @@ def _error(status: int, message: str, sandbox: Sandbox | None = None) -> Respons
     return response
 
 
-def _identity_matches(sandbox: Sandbox) -> str | None:
-    """None when the requested identity is the sandbox's, else the reason it is not."""
+UNKNOWN_IDENTITY = (
+    "No User Assigned or Delegated Managed Identity found for specified ClientId/ResourceId/PrincipalId."
+)
+TOKEN_FAILURE = "An unexpected error occured while fetching the AAD Token."
+
+
+def _identity_matches(sandbox: Sandbox) -> bool:
+    """Whether the requested identity (if one is named) is the sandbox's."""
     client_id = request.args.get("client_id")
     object_id = request.args.get("object_id") or request.args.get("principal_id")
     if client_id and client_id.lower() != sandbox.mi_client_id.lower():
-        return f"No managed identity found for client_id '{client_id}'."
-    if object_id and object_id.lower() != sandbox.mi_principal_id.lower():
-        return f"No managed identity found for object_id '{object_id}'."
-    return None
+        return False
+    return not (object_id and object_id.lower() != sandbox.mi_principal_id.lower())
 
 
 def create_app(registry: Registry) -> Flask:
@@ -58,12 +67,13 @@ def create_app(registry: Registry) -> Flask:
         resource = (request.args.get("resource") or "").strip()
         if not resource:
             return _error(400, "Required query parameter 'resource' is missing.")
-        mismatch = _identity_matches(sandbox)
-        if mismatch:
-            return _error(400, mismatch)
+        if not _identity_matches(sandbox):
+            return _error(400, UNKNOWN_IDENTITY)
         audience = resource.rstrip("/")
         if audience.endswith("/.default"):
             audience = audience[: -len("/.default")]
+        if audience.lower() not in known_resources(registry):
+            return _error(500, TOKEN_FAILURE)
         access_token, expires_on = registry.issue_token(
             sandbox, audience, oid=sandbox.mi_principal_id, appid=sandbox.mi_client_id)
         return jsonify({

@@ -92,7 +92,21 @@ def test_managed_identity_refuses_a_foreign_user_assigned_client_id(sandbox: San
                 "client_id": str(uuid.uuid4())},
         headers={"X-IDENTITY-HEADER": sandbox.identity_header}, timeout=10)
     assert response.status_code == 400
-    assert "client_id" in response.json()["message"]
+    assert response.json()["message"] == (
+        "No User Assigned or Delegated Managed Identity found for specified ClientId/ResourceId/PrincipalId."
+    )
+
+
+def test_managed_identity_token_for_an_unknown_resource_is_a_vague_500(sandbox_env: SandboxClient) -> None:
+    response = requests.get(
+        sandbox_env.env["IDENTITY_ENDPOINT"],
+        params={"api-version": "2019-08-01", "resource": "https://nothing.example.com"},
+        headers={"X-IDENTITY-HEADER": sandbox_env.identity_header}, timeout=10)
+    assert response.status_code == 500
+    assert response.json()["message"] == "An unexpected error occured while fetching the AAD Token."
+    with pytest.raises(ClientAuthenticationError, match="unexpected error occured"):
+        ManagedIdentityCredential().get_token("https://nothing.example.com/.default")
+    assert ManagedIdentityCredential().get_token("https://management.azure.com/.default").token
 
 
 # --- Entra ID ---------------------------------------------------------------------------------
