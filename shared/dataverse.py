@@ -535,11 +535,9 @@ class DataverseClient:
             )
         except DataverseError as exc:
             # Only "the target record exists" is a replay. A 412 for an alternate key held by
-            # ANOTHER record (0x80060892) wrote nothing and must not pass for "already there".
-            if (
-                exc.status != 412
-                or (exc.dataverse_code or DUPLICATE_RECORD_CODE).lower() != DUPLICATE_RECORD_CODE
-            ):
+            # ANOTHER record (0x80060892) wrote nothing and must not pass for "already there", nor
+            # may a 412 without Dataverse's code (a proxy's answer proves nothing about the record).
+            if exc.status != 412 or (exc.dataverse_code or "").lower() != DUPLICATE_RECORD_CODE:
                 raise
             job_logger(logger, correlation_id).info("%s already exists: nothing created", path)
             return WriteResult("create", entity_set, _guid(key), 412, False, True, None)
@@ -584,8 +582,10 @@ class DataverseClient:
         try:
             response = self.request("DELETE", path, headers=headers, correlation_id=correlation_id)
         except DataverseError as exc:
-            code = (exc.dataverse_code or RECORD_NOT_FOUND_CODE).lower()
-            if exc.status != 404 or code not in GONE_CODES:
+            # Only Dataverse's own "no such record" is "already gone": a 404 without its code (a wrong
+            # path, a gateway's page) says nothing about the record, and taking it as done would
+            # lose the delete without a trace.
+            if exc.status != 404 or (exc.dataverse_code or "").lower() not in GONE_CODES:
                 raise
             job_logger(logger, correlation_id).info("%s was already gone", path)
             return WriteResult("delete", entity_set, _guid(key), 404, None, True, None)

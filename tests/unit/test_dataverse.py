@@ -507,6 +507,21 @@ def test_delete_of_a_missing_record_is_a_noop(client: DataverseClient, mock: res
         client.delete("nosuchset", RECORD)  # a wrong entity set is not "already gone"
 
 
+@pytest.mark.parametrize("body", [b"", b"<html>404 - File or directory not found.</html>"])
+def test_a_404_or_412_without_a_dataverse_code_is_not_taken_as_done(
+    client: DataverseClient, mock: responses.RequestsMock, body: bytes
+) -> None:
+    """Only Dataverse's own codes prove 'already gone' / 'already there'; a proxy's page proves nothing."""
+    mock.delete(f"{API}contacts({RECORD})", status=404, body=body)
+    with pytest.raises(DataverseError) as info:
+        client.delete("contacts", RECORD)
+    assert (info.value.code, info.value.transient) == ("record_not_found", False)
+    mock.patch(re.compile(rf"{re.escape(API)}contacts\(.*"), status=412, body=body)
+    with pytest.raises(DataverseError) as info:
+        client.create("contacts", {"lastname": "x"}, key=RECORD)
+    assert (info.value.code, info.value.status) == ("precondition_failed", 412)
+
+
 # --- impersonation --------------------------------------------------------------------------------
 
 
