@@ -88,7 +88,9 @@ def create_app(registry: Registry) -> Flask:
             return faulted
         base = request.host_url.rstrip("/")
         tid = sandbox.tenant_id
-        return jsonify({
+        # Every field of login.microsoftonline.com's v2.0 document, in its order (recorded answers in
+        # the Azure SDK for JS test recordings); only the host is the emulator's.
+        response = jsonify({
             "token_endpoint": f"{base}/{tid}/oauth2/v2.0/token",
             "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt",
                                                       "client_secret_basic"],
@@ -100,16 +102,25 @@ def create_app(registry: Registry) -> Flask:
             "scopes_supported": ["openid", "profile", "email", "offline_access"],
             "issuer": f"{base}/{tid}/v2.0",
             "request_uri_parameter_supported": False,
-            "userinfo_endpoint": f"{base}/oidc/userinfo",
+            "userinfo_endpoint": "https://graph.microsoft.com/oidc/userinfo",
             "authorization_endpoint": f"{base}/{tid}/oauth2/v2.0/authorize",
             "device_authorization_endpoint": f"{base}/{tid}/oauth2/v2.0/devicecode",
             "http_logout_supported": True,
             "frontchannel_logout_supported": True,
             "end_session_endpoint": f"{base}/{tid}/oauth2/v2.0/logout",
-            "claims_supported": ["sub", "iss", "aud", "exp", "iat", "tid", "ver", "oid"],
-            "tenant_region_scope": "EU",
+            "claims_supported": ["sub", "iss", "cloud_instance_name", "cloud_instance_host_name",
+                                 "cloud_graph_host_name", "msgraph_host", "aud", "exp", "iat", "auth_time",
+                                 "acr", "nonce", "preferred_username", "name", "tid", "ver", "at_hash",
+                                 "c_hash", "email"],
+            "kerberos_endpoint": f"{base}/{tid}/kerberos",
+            "tenant_region_scope": "WW",
             "cloud_instance_name": "devstack.local",
+            "cloud_graph_host_name": "graph.windows.net",
+            "msgraph_host": "graph.microsoft.com",
+            "rbac_url": "https://pas.windows.net",
         })
+        response.headers["Cache-Control"] = "max-age=86400, private"
+        return response
 
     @app.post("/<tenant>/oauth2/v2.0/token")
     def token(tenant: str) -> Response:

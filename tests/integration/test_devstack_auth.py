@@ -140,6 +140,14 @@ def test_discovery_document_has_what_msal_needs(sandbox: SandboxClient) -> None:
     assert doc["token_endpoint"] == f"{base}/{sandbox.tenant_id}/oauth2/v2.0/token"
     assert doc["authorization_endpoint"].startswith(f"{base}/{sandbox.tenant_id}/")
     assert doc["issuer"] == f"{base}/{sandbox.tenant_id}/v2.0"
+    assert set(doc) == {  # the fields of login.microsoftonline.com's v2.0 document
+        "token_endpoint", "token_endpoint_auth_methods_supported", "jwks_uri", "response_modes_supported",
+        "subject_types_supported", "id_token_signing_alg_values_supported", "response_types_supported",
+        "scopes_supported", "issuer", "request_uri_parameter_supported", "userinfo_endpoint",
+        "authorization_endpoint", "device_authorization_endpoint", "http_logout_supported",
+        "frontchannel_logout_supported", "end_session_endpoint", "claims_supported", "kerberos_endpoint",
+        "tenant_region_scope", "cloud_instance_name", "cloud_graph_host_name", "msgraph_host", "rbac_url",
+    }
 
 
 @pytest.mark.parametrize(
