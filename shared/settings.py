@@ -7,6 +7,7 @@ names the code reads; the infra tests compare it with the app settings the Bicep
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -79,13 +80,23 @@ def _guid(name: str, value: str) -> str:
         raise ConfigurationError(name, f"must be a GUID, got {value!r}") from None
 
 
-def _positive(name: str, value: str, kind: Callable[[str], float] = float) -> float:
+def _positive(
+    name: str, value: str, kind: Callable[[str], float] = float, *, allow_zero: bool = True
+) -> float:
+    """A finite number >= 0 (> 0 when ``allow_zero`` is off).
+
+    ``nan``/``inf`` parse as floats but would surface much later as an error that names no setting
+    (urllib3 refuses a zero or infinite timeout when the first request is sent).
+    """
     try:
         number = kind(value)
     except ValueError:
         raise ConfigurationError(name, f"must be a number, got {value!r}") from None
-    if number < 0:
-        raise ConfigurationError(name, f"must not be negative, got {value!r}")
+    if not math.isfinite(number):
+        raise ConfigurationError(name, f"must be a finite number, got {value!r}")
+    if number < 0 or (number == 0 and not allow_zero):
+        least = "at least 0" if allow_zero else "more than 0"
+        raise ConfigurationError(name, f"must be {least}, got {value!r}")
     return number
 
 
@@ -156,7 +167,9 @@ class Settings:
             api_version=api_version,
             sync_queue_name=value("SYNC_QUEUE_NAME"),
             authority_host=authority,
-            timeout_seconds=_positive("DATAVERSE_TIMEOUT_SECONDS", value("DATAVERSE_TIMEOUT_SECONDS")),
+            timeout_seconds=_positive(
+                "DATAVERSE_TIMEOUT_SECONDS", value("DATAVERSE_TIMEOUT_SECONDS"), allow_zero=False
+            ),
             max_retries=int(_positive("DATAVERSE_MAX_RETRIES", value("DATAVERSE_MAX_RETRIES"), int)),
             max_retry_seconds=_positive("DATAVERSE_MAX_RETRY_SECONDS", value("DATAVERSE_MAX_RETRY_SECONDS")),
             user_cache_ttl=_positive("USER_CACHE_TTL_SECONDS", value("USER_CACHE_TTL_SECONDS")),
