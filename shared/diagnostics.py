@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from shared.errors import ActorError, ConfigurationError, SyncError
+from shared.jobs import is_guid
 from shared.logs import redact
 
 if TYPE_CHECKING:
@@ -258,7 +259,14 @@ def run_diagnostics(
 
     def whoami_step() -> str:
         answer = state["runtime"].dataverse.whoami()
-        state["app_user_id"] = str(answer.get("UserId", "")).lower()
+        user_id = answer.get("UserId")
+        # it goes into the next step's $filter unquoted, as a GUID literal: it must be one
+        if not is_guid(user_id):
+            raise SyncError(
+                f"WhoAmI answered without a UserId GUID ({str(user_id)[:60]!r})",
+                code="dataverse_malformed_response",
+            )
+        state["app_user_id"] = str(user_id).lower()
         return (f"application user {answer.get('UserId')} in business unit {answer.get('BusinessUnitId')}, "
                 f"organization {answer.get('OrganizationId')}")
 

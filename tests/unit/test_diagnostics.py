@@ -224,3 +224,15 @@ def test_an_unexpected_exception_is_reported_not_raised() -> None:
     result = diagnose(runtime)
     whoami = step(result, "dataverse_whoami")
     assert whoami["ok"] is False and "KeyError" in whoami["detail"]
+
+
+@pytest.mark.parametrize("user_id", [None, "", "x or true", f"{APP_USER}) or (1 eq 1"])
+def test_a_whoami_without_a_guid_fails_before_it_reaches_a_filter(user_id: Any) -> None:
+    """The application user's id goes into the next step's $filter as a bare GUID literal."""
+    runtime = healthy_runtime()
+    runtime.dataverse.whoami_answer = {"UserId": user_id}
+    result = diagnose(runtime)
+    whoami = step(result, "dataverse_whoami")
+    assert whoami["ok"] is False and "dataverse_malformed_response" in whoami["detail"]
+    assert step(result, "impersonation")["skipped"] is True
+    assert all(path != "systemusers" for _, path, _ in runtime.dataverse.requests)
