@@ -19,6 +19,8 @@ from devstack import web
 from devstack.sandboxes import DEFAULT_TENANT_ID, KEYVAULT_AUDIENCE, Registry, Sandbox, SecretVersion
 
 SECRET_NAME = re.compile(r"^[0-9a-zA-Z-]{1,127}$")
+# The data-plane versions a vault answers (azure-keyvault-secrets' ApiVersion enum, newest last).
+API_VERSIONS = ("2016-10-01", "7.0", "7.1", "7.2", "7.3", "7.4", "7.5", "7.6", "2025-07-01", "2026-04-01")
 
 
 def _error(status: int, code: str, message: str, inner: str | None = None,
@@ -87,9 +89,14 @@ def create_app(registry: Registry) -> Flask:
         return found
 
     def api_version_error() -> Response | None:
-        if not request.args.get("api-version"):
+        version = request.args.get("api-version")
+        if not version:
             return _error(400, "MissingApiVersionParameter",
                           "The api-version query parameter (?api-version=) is required for all requests.")
+        if version.removesuffix("-preview") not in API_VERSIONS:
+            # A vault's own wording (quoted in inspec-azure's api-version fallback).
+            return _error(400, "BadParameter", f"The specified version ({version}) is not recognized. "
+                          f"Consider using the latest supported version ({API_VERSIONS[-1]}).")
         return None
 
     def forbidden(sandbox: Sandbox, claims: dict[str, Any], action: str) -> Response | None:

@@ -319,6 +319,24 @@ def test_revoked_managed_identity_token_is_refused_by_key_vault(sandbox: Sandbox
     assert requests.get(url, headers=headers, timeout=10).status_code == 401
 
 
+def test_key_vault_refuses_an_api_version_it_does_not_know(sandbox: SandboxClient) -> None:
+    minted = requests.get(sandbox.env["IDENTITY_ENDPOINT"],
+                          params={"api-version": "2019-08-01", "resource": "https://vault.azure.net"},
+                          headers={"X-IDENTITY-HEADER": sandbox.identity_header}, timeout=10).json()
+    headers = {"Authorization": f"Bearer {minted['access_token']}"}
+    url = f"{sandbox.env['KEY_VAULT_URL']}/secrets/webhook-signing-secret"
+    for known in ("7.6", "2026-04-01", "7.6-preview"):
+        answer = requests.get(url, params={"api-version": known}, headers=headers, timeout=10)
+        assert answer.status_code == 200
+    unknown = requests.get(url, params={"api-version": "7.9"}, headers=headers, timeout=10)
+    assert unknown.status_code == 400
+    assert unknown.json()["error"] == {
+        "code": "BadParameter",
+        "message": "The specified version (7.9) is not recognized. Consider using the latest supported "
+        "version (2026-04-01).",
+    }
+
+
 def test_managed_identity_errors_reach_the_sdk_caller(sandbox_env: SandboxClient,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IDENTITY_HEADER", "not-a-sandbox")
