@@ -93,14 +93,20 @@ class Bench:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
     def one(self, stack: StackProcess, workload_name: str, name: str, contender: str, workload: Workload,
-            conditions: Conditions, **kwargs: Any) -> dict[str, Any]:
+            conditions: Conditions, **kwargs: Any) -> dict[str, Any] | None:
         profile = None
         if self.args.profile and contender == "project":
             profile = self.log_dir / f"profile-{workload_name}-{name}.txt"
         self.log(f"{workload_name} {name}: {workload.count} jobs, {conditions.describe()} ...")
-        result = measure(stack, label=f"{workload_name}-{name}", contender=contender, workload=workload,
-                         conditions=conditions, concurrency=CONCURRENCY, redelivery_seconds=self.redelivery,
-                         log_dir=self.log_dir, profile=profile, **kwargs)
+        try:
+            result = measure(stack, label=f"{workload_name}-{name}", contender=contender, workload=workload,
+                             conditions=conditions, concurrency=CONCURRENCY,
+                             redelivery_seconds=self.redelivery, log_dir=self.log_dir, profile=profile,
+                             **kwargs)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            self.log(f"  not measured: {exc}")
+            self.notes.append(f"{workload_name} {name} was not measured: {exc}")
+            return None
         repeats = self.repeats.setdefault(workload_name, {}).setdefault(name, [])
         repeats.append(result)
         # Several runs of one contender: the one with the median throughput stands for them.
@@ -436,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     print()
     print(text_table(rows))
+    for name, run in bench.runs.get("W3", {}).items():
+        print(f"W3 first job on a fresh process, {name}: {run['first_invocation_s'] * 1000:.0f} ms "
+              f"(after an import of {run['import_s'] * 1000:.0f} ms)")
     print()
     print("Targets:")
     print(targets_text(targets))
