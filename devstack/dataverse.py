@@ -45,6 +45,7 @@ _USER_NAMESPACE = uuid.UUID("6f1c2a0e-5d7b-4c8e-9a4f-3b2d1e0c9f8a")
 _VERSION_RE = re.compile(r"v[0-9]+\.[0-9]+")
 _GUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_KEY_SAFE = "=,'@"  # left as they are in a key segment written back into a URL
 _PAYLOAD_HELP = (
     "Error identified in Payload provided by the user for Entity :'{entity_set}', For more information on "
     "this error please follow this help link https://go.microsoft.com/fwlink/?linkid=2195293  ---->  "
@@ -1129,21 +1130,30 @@ class _Request:
         return out
 
     def representation(self, table: Table, record: Mapping[str, Any], status: int) -> Response:
+        """201/200 with the record, ETag and Preference-Applied, and no OData-EntityId (Learn's
+        upsert and update-with-data-returned examples): the id is in the body."""
         q = self.query(None, "")
         self.applied.append("return=representation")
-        response = self.single(record, q.select, table.primary_id, table.entity_set, status=status)
-        response.headers["OData-EntityId"] = f"{self.api}/{table.entity_set}({record[table.primary_id]})"
-        return response
+        return self.single(record, q.select, table.primary_id, table.entity_set, status=status)
+
+    def entity_id(self, table: Table, record: Mapping[str, Any]) -> str:
+        """The OData-EntityId of a 204: the record as the request addressed it, so an upsert by
+        alternate key answers ``example_records(example_key1=2,example_key2=2)``, not the GUID
+        (Learn, "Use Upsert to create or update a record")."""
+        target = self.resource.key
+        if target is not None:
+            key = self.parse_key(target)
+            if isinstance(key, dict) and set(key) != {table.primary_id}:
+                inner = ",".join(f"{name}={odata.key_value_text(value)}" for name, value in key.items())
+                return f"{self.api}/{table.entity_set}({quote(inner, safe=_KEY_SAFE)})"
+        return f"{self.api}/{table.entity_set}({record[table.primary_id]})"
 
     def written(self, table: Table, record: Mapping[str, Any], status_with_body: int) -> Response:
         if self.prefer.get("return") == "representation":
             return self.representation(table, record, status_with_body)
         return Response(
             status=204,
-            headers={
-                "OData-EntityId": f"{self.api}/{table.entity_set}({record[table.primary_id]})",
-                "ETag": _etag(record),
-            },
+            headers={"OData-EntityId": self.entity_id(table, record), "ETag": _etag(record)},
         )
 
     def post(self, table: Table) -> Response:
@@ -1199,18 +1209,20 @@ class _Request:
                             inner="The primary key in the payload does not match the URL.",
                         ),
                     )
+                if isinstance(target, dict):
+                    # Key values in the body are dropped: a record's alternate key cannot be changed
+                    # through that same key (Learn, "Use Upsert to create or update a record").
+                    data = {name: value for name, value in data.items() if name not in target}
                 updated = self.org.update(table, record, data, self.caller)
                 return self.written(table, updated, 200)
             if isinstance(target, str):
                 record_id: str | None = target
             else:
                 record_id = _lower_guid(given) if given is not None else None
-                data.update(
-                    {
-                        name: value.value if isinstance(value, odata.Guid) else value
-                        for name, value in target.items()
-                    }
-                )
+                # The URL's key values fill in only what the body lacks: body values win, even
+                # when they differ (same source).
+                for name, value in target.items():
+                    data.setdefault(name, value.value if isinstance(value, odata.Guid) else value)
             created = self.org.create(table, data, self.caller, record_id)
             return self.written(table, created, 201)
 

@@ -281,9 +281,10 @@ def test_alternate_key_upsert_with_awkward_characters(dv: Dataverse) -> None:
     path = key_path("contacts", emailaddress1=email)
     created = dv.call("PATCH", path, json={"firstname": "Ada"})
     assert created.status_code == 204
-    contact_id = created.headers["OData-EntityId"].rsplit("(", 1)[1].rstrip(")")
-    assert created.headers["OData-EntityId"] == f"{dv.api}contacts({contact_id})"
-    updated = dv.call("PATCH", path, json={"lastname": "Lovelace"})
+    # Addressed by alternate key, the 204 names the record by that key, not by its GUID (Learn).
+    assert created.headers["OData-EntityId"] == f"{dv.api}{path}"
+    contact_id = dv.call("GET", created.headers["OData-EntityId"]).json()["contactid"]
+    updated = dv.call("PATCH", path, json={"lastname": "Lovelace", "emailaddress1": "changed@contoso.com"})
     assert updated.status_code == 204
     got = dv.call("GET", path, params={"$select": "firstname,lastname,emailaddress1"})
     assert got.json()["emailaddress1"] == email
@@ -317,6 +318,13 @@ def test_alternate_key_errors(dv: Dataverse) -> None:
     same_id = dv.call("POST", "accounts", json={"name": "C", "accountid": account_id})
     assert same_id.status_code == 412
     assert error_of(same_id) == {"code": "0x80040237", "message": "Cannot insert duplicate key."}
+
+
+def test_alternate_key_values_in_the_body_win_on_create(dv: Dataverse) -> None:
+    path = key_path("accounts", accountnumber="URL-1")
+    assert dv.call("PATCH", path, json={"name": "A", "accountnumber": "BODY-1"}).status_code == 204
+    assert [r["accountnumber"] for r in dv.sandbox.records("accounts")] == ["BODY-1"]
+    assert dv.call("GET", path).status_code == 404
 
 
 def test_if_match_and_if_none_match(dv: Dataverse) -> None:
@@ -355,6 +363,7 @@ def test_return_representation_honours_select(dv: Dataverse) -> None:
     assert body["_createdby_value"] == dv.app_user["systemuserid"]
     assert set(body) == {"@odata.context", "@odata.etag", "firstname", "_createdby_value", "contactid"}
     assert created.headers["Preference-Applied"] == "return=representation"
+    assert "OData-EntityId" not in created.headers and created.headers["ETag"] == body["@odata.etag"]
     path = f"contacts({body['contactid']})?$select=firstname"
     assert dv.call("PATCH", path, json={"firstname": "Rep2"}, headers=prefer).status_code == 200
     upsert = dv.call("PATCH", key_path("contacts", emailaddress1="rep@contoso.com"), json={}, headers=prefer)
