@@ -23,6 +23,7 @@ from typing import Any
 
 from bench import coldstart, machine
 from bench.report import (
+    REQUEST_KIND,
     Target,
     counter,
     failures,
@@ -342,8 +343,7 @@ def render_markdown(results: dict[str, Any], *, heading: str = "#") -> str:
             ]
         for name, run in first.items():
             kinds = {k: v for svc in ("identity", "entra", "keyvault", "dataverse")
-                     for k, v in run["counters"].get(svc, {}).items()
-                     if not k.startswith(("status:", "impersonation:"))}
+                     for k, v in run["counters"].get(svc, {}).items() if REQUEST_KIND.fullmatch(k)}
             lines.append(
                 f"- first job on a fresh process, {name}: {run['first_invocation_s'] * 1000:.0f} ms "
                 f"(import before it {run['import_s'] * 1000:.0f} ms); requests: "

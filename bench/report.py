@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-COUNTER_PREFIXES = ("status:", "cookie:", "impersonation:")
+REQUEST_KIND = re.compile(r"[A-Z]+ \S+")  # "PATCH contacts"; not "status:429", "caller:…", "cookie:…"
 
 
 def dataverse_requests(run: Mapping[str, Any]) -> dict[str, int]:
-    """``{"PATCH contacts": 2000, "GET systemusers": 50}``: requests by kind, statuses left out."""
+    """``{"PATCH contacts": 2000, "GET systemusers": 50}``: requests by kind, other counters left out."""
     counts = run["counters"].get("dataverse", {})
-    return {k: v for k, v in sorted(counts.items()) if not k.startswith(COUNTER_PREFIXES)}
+    return {k: v for k, v in sorted(counts.items()) if REQUEST_KIND.fullmatch(k)}
 
 
 def counter(run: Mapping[str, Any], service: str, key: str) -> int:

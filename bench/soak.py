@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.report import REQUEST_KIND
 from bench.stack import ROOT, StackProcess
 from devstack.control import SandboxClient
 
@@ -430,7 +431,8 @@ def sheet_lines(plan: Plan, sheet: dict[str, Any], memory: dict[str, Any], injec
         f"{len(sheet['misplaced'])}, unknown messages {sheet['unknown_messages']}",
         *(f"    {item}" for item in sheet["misplaced"][:5]),
         f"  faults injected: {dict(sorted(injected.items()))} over "
-        f"{sum(v for k, v in dv.items() if ' ' in k)} Dataverse requests; statuses answered: "
+        f"{sum(v for k, v in dv.items() if REQUEST_KIND.fullmatch(k))} Dataverse requests; "
+        "statuses answered: "
         + ", ".join(f"{k[7:]}={v}" for k, v in sorted(dv.items()) if k.startswith("status:")),
     ]
     if memory.get("flat") is None:
