@@ -252,6 +252,15 @@ def test_total_wait_never_exceeds_the_budget(
     assert clock.sleeps == [0.5, 1.0, 2.0, 4.0]  # the next (8 s) would have passed the 10 s budget
 
 
+def test_each_backoff_is_capped(tokens: FakeTokens, clock: Clock, mock: responses.RequestsMock) -> None:
+    settings = Settings(**{**SETTINGS.__dict__, "max_retries": 8, "max_retry_seconds": 600.0})
+    client = DataverseClient(settings, tokens, sleep=clock.sleep, clock=clock, jitter=lambda: 1.0)  # type: ignore[arg-type]
+    mock.get(f"{API}WhoAmI", status=502)
+    with pytest.raises(DataverseError):
+        client.whoami()
+    assert clock.sleeps == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+
+
 def test_500_and_4xx_are_not_retried(
     client: DataverseClient, clock: Clock, mock: responses.RequestsMock
 ) -> None:
@@ -397,6 +406,19 @@ def test_next_link_to_another_host_is_refused(client: DataverseClient, mock: res
         list(client.iter_pages("systemusers"))
     assert info.value.code == "dataverse_malformed_response"
     assert len(mock.calls) == 1  # the token never went to the other host
+
+
+def test_a_next_link_that_repeats_stops_the_paging(
+    client: DataverseClient, mock: responses.RequestsMock
+) -> None:
+    """A server that hands the same link back would otherwise be paged until the function times out."""
+    link = f"{API}systemusers?$skiptoken=2"
+    mock.get(link, json={"value": [{"systemuserid": "2"}], "@odata.nextLink": link})
+    mock.get(f"{API}systemusers", json={"value": [{"systemuserid": "1"}], "@odata.nextLink": link})
+    with pytest.raises(DataverseError) as info:
+        list(client.iter_pages("systemusers"))
+    assert (info.value.code, info.value.transient) == ("dataverse_malformed_response", True)
+    assert len(mock.calls) == 2
 
 
 # --- writes ---------------------------------------------------------------------------------------
@@ -552,6 +574,14 @@ def test_silent_fallback_to_the_application_user_is_caught(
     err = info.value
     assert (err.code, err.transient) == ("impersonation_not_applied", False)
     assert err.details[0]["expected"] == ACTOR and err.details[0]["actual"] == APP_USER
+
+
+def test_the_actor_check_ignores_the_case_of_the_guid(
+    client: DataverseClient, mock: responses.RequestsMock
+) -> None:
+    _patch(mock, 200, {"contactid": RECORD, "_modifiedby_value": ACTOR.upper()})
+    result = client.update("contacts", RECORD, {"lastname": "x"}, caller=Caller(ACTOR, ACTOR_OID))
+    assert result.modified_by == ACTOR.upper()
 
 
 def test_unverifiable_impersonation_is_refused(client: DataverseClient, mock: responses.RequestsMock) -> None:

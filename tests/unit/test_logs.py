@@ -41,6 +41,7 @@ def captured() -> Iterator[tuple[logging.Logger, io.StringIO]]:
         f"Authorization: Bearer {JWT}",
         f"{{'Authorization': 'Bearer {JWT}', 'Accept': 'application/json'}}",
         "headers={'authorization': 'opaque-token-value'}",
+        "sent with Bearer opaque-token-value to https://org.crm.dynamics.com",
         f"token {JWT} issued",
         f"grant_type=client_credentials&client_id=abc&client_secret={SECRET}&scope=x",
         f'{{"access_token": "{JWT}", "expires_in": 3599}}',

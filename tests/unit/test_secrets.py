@@ -161,6 +161,29 @@ def test_refresh_under_concurrency_rereads_once(vault: FakeVault) -> None:
     assert vault.reads == 2
 
 
+def test_a_caller_that_missed_the_cache_while_the_leader_finished_does_not_read_again(
+    vault: FakeVault,
+) -> None:
+    """The cache was empty when this caller looked, and the leader stored the value before it
+    entered the single flight: it must take that value, not read Key Vault a second time."""
+    vault.secrets["s"] = "s3cret-value-1"
+    store = SecretStore(LOCAL_VAULT, FakeCredential())
+    assert store.get("s") == "s3cret-value-1"
+
+    class EmptyAtFirstLook(dict):  # type: ignore[type-arg]
+        looked = False
+
+        def get(self, key: Any, default: Any = None) -> Any:
+            if not self.looked:
+                self.looked = True
+                return default
+            return super().get(key, default)
+
+    store._values = EmptyAtFirstLook(store._values)
+    assert store.get("s") == "s3cret-value-1"
+    assert store._values.looked and vault.reads == 1
+
+
 def test_refresh_if_due_rereads_at_most_once_per_interval(
     vault: FakeVault, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -212,6 +212,26 @@ def test_32_cold_callers_cause_one_token_request_and_one_secret_read(entra: Fake
     assert secrets.reads == 1
 
 
+def test_a_caller_that_missed_the_token_while_the_leader_finished_does_not_request_again(
+    entra: FakeEntra, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token was missing when this caller looked, and the leader stored one before it entered
+    the single flight: it must take that token, not send a second request."""
+    tokens = provider()
+    first = tokens.get_token()
+    real = tokens._fresh
+    looks = 0
+
+    def fresh(token: Any) -> bool:
+        nonlocal looks
+        looks += 1
+        return looks > 1 and real(token)  # the first look, before the flight, finds nothing usable
+
+    monkeypatch.setattr(tokens, "_fresh", fresh)
+    assert tokens.get_token() == first
+    assert looks == 2 and len(entra.token_posts) == 1
+
+
 def test_invalidate_after_a_dataverse_401_forces_one_new_token(entra: FakeEntra) -> None:
     tokens = provider()
     old = tokens.get_token()

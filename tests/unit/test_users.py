@@ -219,6 +219,25 @@ def test_24_concurrent_jobs_of_one_cold_actor_cause_one_lookup(
     assert len(dataverse.queries) == 1
 
 
+def test_a_caller_that_missed_the_cache_while_the_leader_finished_does_not_query_again(
+    directory: UserDirectory, dataverse: FakeDataverse, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race single flight alone leaves open: the cache was empty when this caller looked, and
+    the leader stored the user before it entered the flight; it must take that, not query again."""
+    directory.by_email("jane@contoso.com")
+    real = directory._cached
+    looks = 0
+
+    def cached(key: tuple[str, str]) -> SystemUser | None:
+        nonlocal looks
+        looks += 1
+        return None if looks == 1 else real(key)  # the first look, before the flight, sees nothing
+
+    monkeypatch.setattr(directory, "_cached", cached)
+    assert directory.by_email("jane@contoso.com").systemuserid.endswith("1")
+    assert looks == 2 and len(dataverse.queries) == 1
+
+
 def test_lookup_by_id_and_object_id_use_bare_guids(
     directory: UserDirectory, dataverse: FakeDataverse
 ) -> None:
