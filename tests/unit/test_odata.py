@@ -20,6 +20,7 @@ from devstack.odata import (
     Not,
     ODataSyntaxError,
     Or,
+    Value,
     check_types,
     decode_path,
     evaluate,
@@ -216,7 +217,7 @@ def test_keys() -> None:
 
 
 def test_key_value_text_is_the_inverse_of_the_key_parser() -> None:
-    values = ["o'brien", 7, True, None, Guid("5f0e4e4d-0000-4000-8000-0000000000aa")]
+    values: list[Value] = ["o'brien", 7, True, None, Guid("5f0e4e4d-0000-4000-8000-0000000000aa")]
     for value in values:
         assert parse_key(f"k={key_value_text(value)}") == {"k": value}
 
