@@ -10,6 +10,11 @@ errors", "Service protection API limits", the Web service error codes list; [obs
 was seen in real responses quoted in public issues rather than documented).
 
 Anything outside what is emulated answers 501 with a message that says so, rather than a guess.
+
+Counters (per sandbox, ``dataverse``): ``<METHOD> <resource>`` and ``status:<code>`` per request,
+``caller:CallerObjectId`` / ``caller:MSCRMCallerID`` per write that carried that header,
+``impersonation:applied`` / ``impersonation:ignored``, ``cookie:ARRAffinity`` when a client sent
+the affinity cookie back.
 """
 
 from __future__ import annotations
