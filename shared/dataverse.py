@@ -704,14 +704,21 @@ def _verify_impersonation(result: WriteResult, caller: Caller, path: str) -> Non
     actual = result.modified_by
     if actual is not None and actual.lower() == caller.systemuserid.lower():
         return
-    if actual is None:
-        detail = "Dataverse did not return _modifiedby_value, so the actor cannot be confirmed"
-    else:
-        detail = f"Dataverse recorded the write as {actual}, not as the actor {caller.systemuserid}"
     header = "CallerObjectId " + caller.azure_ad_object_id if caller.azure_ad_object_id else "MSCRMCallerID"
+    if actual is None:
+        # Nothing says who wrote it: the operator must not be told it ran as the application user.
+        detail = (
+            "Dataverse did not return _modifiedby_value, so the actor cannot be confirmed; the write "
+            "was applied, on behalf of someone this client cannot name"
+        )
+    else:
+        detail = (
+            f"Dataverse recorded the write as {actual}, not as the actor {caller.systemuserid}. Dataverse "
+            f"silently ignores a caller it does not recognise ({header}) and runs the write as the "
+            "application user"
+        )
     raise ImpersonationNotApplied(
-        f"{result.operation} of {path} was not done on behalf of the actor: {detail}. Dataverse silently "
-        f"ignores a caller it does not recognise ({header}); the write was applied as the application user.",
+        f"{result.operation} of {path} was not done on behalf of the actor: {detail}.",
         details=[
             {
                 "entitySet": result.entity_set,

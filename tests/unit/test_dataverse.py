@@ -574,6 +574,7 @@ def test_silent_fallback_to_the_application_user_is_caught(
     err = info.value
     assert (err.code, err.transient) == ("impersonation_not_applied", False)
     assert err.details[0]["expected"] == ACTOR and err.details[0]["actual"] == APP_USER
+    assert f"as {APP_USER}" in err.message and f"CallerObjectId {ACTOR_OID}" in err.message
 
 
 def test_the_actor_check_ignores_the_case_of_the_guid(
@@ -586,8 +587,10 @@ def test_the_actor_check_ignores_the_case_of_the_guid(
 
 def test_unverifiable_impersonation_is_refused(client: DataverseClient, mock: responses.RequestsMock) -> None:
     mock.post(f"{API}contacts", status=204, headers={"OData-EntityId": f"{API}contacts({RECORD})"})
-    with pytest.raises(ImpersonationNotApplied):
+    with pytest.raises(ImpersonationNotApplied) as info:
         client.create("contacts", {"lastname": "x"}, caller=Caller(ACTOR))
+    assert "cannot be confirmed" in info.value.message
+    assert "as the application user" not in info.value.message  # nothing says who it ran as
 
 
 def test_unimpersonated_writes_ask_for_nothing_back(
