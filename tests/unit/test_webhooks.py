@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -104,6 +105,14 @@ def test_batch_is_accepted_in_order_with_each_job_exactly_as_received() -> None:
     assert result.body["accepted"] == 100 and result.body["ids"] == [f"evt-{i}" for i in range(100)]
     assert [json.loads(m) for m in result.messages] == jobs
     assert "naïve ☃" in result.messages[5]
+
+
+def test_the_source_is_logged_with_each_job_id(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="shared.webhooks"):
+        assert send({"jobs": [job(0), job(1)]}, source="erp-eu").status == 202
+    lines = [r.getMessage() for r in caplog.records if r.name == "shared.webhooks"]
+    for job_id in ("evt-0", "evt-1"):
+        assert any("source=erp-eu" in line and f"job={job_id}" in line for line in lines), lines
 
 
 @pytest.mark.parametrize(
