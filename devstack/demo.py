@@ -834,6 +834,11 @@ class Demo:
             ("contacts writes", dataverse.get("PATCH contacts", 0) + dataverse.get("POST contacts", 0),
              f"PATCH {dataverse.get('PATCH contacts', 0)} · POST {dataverse.get('POST contacts', 0)} · "
              f"429s {dataverse.get('status:429', 0)}"),
+            ("impersonated writes", dataverse.get("caller:CallerObjectId", 0)
+             + dataverse.get("caller:MSCRMCallerID", 0),
+             f"as received: CallerObjectId {dataverse.get('caller:CallerObjectId', 0)} · "
+             f"MSCRMCallerID {dataverse.get('caller:MSCRMCallerID', 0)} · "
+             f"silently ignored {dataverse.get('impersonation:ignored', 0)}"),
         ]
         for label, count, note in rows:
             self.out.line(f"      {label:<26} {count:>5}  {note}")
