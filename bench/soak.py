@@ -218,22 +218,48 @@ def _queue(connection_string: str, name: str) -> Any:
     return QueueClient.from_connection_string(connection_string, name)
 
 
-def enqueue(connection_string: str, bodies: list[str]) -> None:
-    from azure.core.exceptions import ResourceExistsError
+class Enqueuer:
+    """Sends the messages from a few threads while the host already drains them (as producers do)."""
 
-    for name in (QUEUE, DEAD_LETTER, POISON):
-        with contextlib.suppress(ResourceExistsError):
-            _queue(connection_string, name).create_queue()
-    clients = threading.local()
+    def __init__(self, connection_string: str, bodies: list[str]) -> None:
+        self.connection_string = connection_string
+        self.bodies = bodies
+        self.sent = 0
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="enqueue", daemon=True)
 
-    def send(body: str) -> None:
-        client = getattr(clients, "q", None)
-        if client is None:
-            client = clients.q = _queue(connection_string, QUEUE)
-        client.send_message(base64.b64encode(body.encode("utf-8")).decode("ascii"))
+    def start(self) -> None:
+        from azure.core.exceptions import ResourceExistsError
 
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(send, bodies))
+        for name in (QUEUE, DEAD_LETTER, POISON):
+            with contextlib.suppress(ResourceExistsError):
+                _queue(self.connection_string, name).create_queue()
+        self._thread.start()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        clients = threading.local()
+
+        def send(body: str) -> None:
+            client = getattr(clients, "q", None)
+            if client is None:
+                client = clients.q = _queue(self.connection_string, QUEUE)
+            client.send_message(base64.b64encode(body.encode("utf-8")).decode("ascii"))
+            with self._lock:
+                self.sent += 1
+
+        try:
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(send, self.bodies))
+        except BaseException as exc:
+            self.error = exc
 
 
 def queue_length(connection_string: str, name: str) -> int:
@@ -317,28 +343,38 @@ def run(args: argparse.Namespace) -> int:
         injector.start()
         progress: list[tuple[float, int]] = []
         gave_up = False
+        revoked_at: float | None = None
+        enqueuer = Enqueuer(connection, bodies)
         try:
-            enqueue(connection, bodies)
-            print(f"  enqueued {len(bodies)} messages in {time.monotonic() - started:.0f} s", flush=True)
+            enqueuer.start()
             last_print = 0.0
             while True:
+                sent, finished_sending = enqueuer.sent, enqueuer.done
                 remaining = queue_length(connection, QUEUE)
                 now = time.monotonic() - started
-                progress.append((now, plan.jobs - remaining))
-                if remaining == 0:
+                done = sent - remaining
+                progress.append((now, done))
+                if enqueuer.error is not None:
+                    raise RuntimeError(f"enqueueing failed: {enqueuer.error}")
+                if finished_sending and remaining == 0:
                     break
+                if revoked_at is None and done >= plan.jobs // 2:
+                    # Mid-run, every token issued so far stops working: Dataverse answers 401.
+                    sbx.revoke_tokens()
+                    revoked_at = now
                 if now > args.timeout:
                     gave_up = True
                     break
                 if now - last_print >= 15:
                     rss = sampler.samples[-1][1] / 2**20 if sampler.samples else 0
-                    print(f"  {now:5.0f} s: {remaining} messages left, host RSS {rss:.0f} MiB, "
-                          f"faults injected {sum(injector.injected.values())}", flush=True)
+                    print(f"  {now:5.0f} s: {sent} sent, {done} done, {remaining} queued, host RSS "
+                          f"{rss:.0f} MiB, faults injected {sum(injector.injected.values())}", flush=True)
                     last_print = now
                 time.sleep(1.0)
         finally:
             injector.stop()
             sampler.stop()
+            enqueuer.join()
             stop_host(host)
             host_log.close()
         elapsed = time.monotonic() - started
@@ -435,6 +471,9 @@ def sheet_lines(plan: Plan, sheet: dict[str, Any], memory: dict[str, Any], injec
         "statuses answered: "
         + ", ".join(f"{k[7:]}={v}" for k, v in sorted(dv.items()) if k.startswith("status:")),
     ]
+    lines.append(
+        f"  tokens revoked once mid-run: Dataverse answered 401 {dv.get('status:401', 0)} times; the host "
+        f"asked Entra for {counters.get('entra', {}).get('POST token', 0)} tokens in all")
     if memory.get("flat") is None:
         lines.append(f"  host memory: {memory.get('reason')}")
     else:
