@@ -64,7 +64,7 @@ def worker_env(sbx: SandboxClient, client_secret: str, contender: str,
 
 
 def run_worker(spec: Mapping[str, Any], stack: StackProcess, log_dir: Path,
-               profile: Path | None = None) -> dict[str, Any]:
+               profile: Path | None = None, warm_imports: tuple[str, ...] = ()) -> dict[str, Any]:
     """Runs ``python -m bench.worker`` and returns its JSON line; its stderr goes to ``log_dir``."""
     log_dir.mkdir(parents=True, exist_ok=True)
     name = f"{spec['label']}-{spec['contender']}"
@@ -146,7 +146,7 @@ def verify(sbx: SandboxClient, workload: Workload) -> dict[str, int]:
 def measure(stack: StackProcess, *, label: str, contender: str, workload: Workload, conditions: Conditions,
             concurrency: int = 24, redelivery_seconds: float = 30.0, affinity: list[int] | None = None,
             log_dir: Path, deadline_seconds: float = 900, extra_env: Mapping[str, str] | None = None,
-            profile: Path | None = None) -> dict[str, Any]:
+            profile: Path | None = None, warm_imports: tuple[str, ...] = ()) -> dict[str, Any]:
     sbx, client_secret = prepare_sandbox(stack, workload.actors, conditions)
     try:
         spec = {
@@ -159,6 +159,7 @@ def measure(stack: StackProcess, *, label: str, contender: str, workload: Worklo
             "max_dequeue": 5,
             "affinity": affinity,
             "deadline_seconds": deadline_seconds,
+            "warm_imports": list(warm_imports),
         }
         before = _cpu_snapshot(stack.pid)
         result = run_worker(spec, stack, log_dir, profile)

@@ -157,6 +157,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     cpu0, t0 = cpu_seconds(), time.perf_counter()
     invoke = load_invoker(contender)
     import_s, import_cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
+    for name in spec.get("warm_imports", []):  # experiments: what a preload at start-up would save
+        importlib.import_module(name)
 
     queue = QueueSim(bodies, int(spec.get("max_dequeue", 5)), float(spec.get("redelivery_seconds", 30)))
     failures: Counter[str] = Counter()
