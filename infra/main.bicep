@@ -55,7 +55,7 @@ param dataverseTimeoutSeconds string = '30'
 param dataverseMaxRetries string = '5'
 
 @description('DATAVERSE_MAX_RETRY_SECONDS: total time one request may spend waiting to retry.')
-param dataverseMaxRetrySeconds string = '60'
+param dataverseMaxRetrySeconds string = '300'
 
 @description('USER_CACHE_TTL_SECONDS: how long a found user stays cached per instance.')
 param userCacheTtlSeconds string = '900'

@@ -44,7 +44,10 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("RECONCILE_SCHEDULE", "0 0 */6 * * *", "NCRONTAB schedule of reconcile_users", external=True),
     SettingSpec("DATAVERSE_TIMEOUT_SECONDS", "30", "Timeout of one Dataverse HTTP request"),
     SettingSpec("DATAVERSE_MAX_RETRIES", "5", "Retries of one Dataverse request on 429/5xx/timeouts"),
-    SettingSpec("DATAVERSE_MAX_RETRY_SECONDS", "60", "Total time one request may spend waiting to retry"),
+    SettingSpec(
+        "DATAVERSE_MAX_RETRY_SECONDS", "300",
+        "Total time one request may wait to retry (300 s covers one service-protection window)",
+    ),
     SettingSpec("USER_CACHE_TTL_SECONDS", "900", "How long a found user stays cached per instance"),
     SettingSpec("USER_CACHE_NEGATIVE_TTL_SECONDS", "60", "How long 'no such user' stays cached"),
     SettingSpec(
@@ -113,7 +116,7 @@ class Settings:
     authority_host: str = ""
     timeout_seconds: float = 30.0
     max_retries: int = 5
-    max_retry_seconds: float = 60.0
+    max_retry_seconds: float = 300.0
     user_cache_ttl: float = 900.0
     user_cache_negative_ttl: float = 60.0
 

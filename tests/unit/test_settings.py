@@ -26,7 +26,7 @@ def test_defaults_and_derived_values() -> None:
     assert s.scope == "https://contoso.crm4.dynamics.com/.default"
     assert s.client_secret_name == "dataverse-client-secret"
     assert s.webhook_secret_name == "webhook-signing-secret"
-    assert (s.timeout_seconds, s.max_retries, s.max_retry_seconds) == (30.0, 5, 60.0)
+    assert (s.timeout_seconds, s.max_retries, s.max_retry_seconds) == (30.0, 5, 300.0)
     assert (s.user_cache_ttl, s.user_cache_negative_ttl) == (900.0, 60.0)
     assert s.public_authority and s.authority_host == ""
 
