@@ -164,6 +164,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     failures: Counter[str] = Counter()
     dead: Counter[str] = Counter()
     durations: list[float] = []
+    completions: list[float] = []  # seconds from the first delivery: the run's timeline
     lock = threading.Lock()
     first: list[float] = []
     concurrency = int(spec.get("concurrency", 24))
@@ -186,9 +187,11 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                         traceback.print_exc(file=sys.stderr)
                 queue.failed(body, count)
                 continue
-            elapsed = time.perf_counter() - started
+            finished = time.perf_counter()
+            elapsed = finished - started
             with lock:
                 durations.append(elapsed)
+                completions.append(round(finished - t1, 4))
                 if not first:
                     first.append(elapsed)
                 if dead_lettered:
@@ -221,6 +224,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "p50_s": durations[len(durations) // 2] if durations else None,
         "p99_s": durations[min(len(durations) - 1, int(len(durations) * 0.99))] if durations else None,
         "gave_up": queue.unfinished > 0,
+        "completions_s": sorted(completions),
     }
 
 
