@@ -500,7 +500,7 @@ def write_results(lines: list[str], args: argparse.Namespace, load: tuple[float,
         f"Retry-After, 503, timeout, dropped connection), {args.bad_rate:.0%} permanently bad jobs (unknown "
         f"actor, disabled actor, invalid schema), {args.poison_rate:.1%} of jobs to a table that is down for "
         "the whole run.",
-        "", "```", *lines, "```", "", machine.markdown(described), "",
+        "", "```", *lines, "```", "", "Machine of this run:", "", machine.markdown(described), "",
     ])
     path.write_text(text, encoding="utf-8")
     return path
