@@ -103,16 +103,6 @@ SYSTEMUSER_TYPES = {
         ("internalemailaddress", "fullname", "firstname", "lastname", "domainname"), "Edm.String"
     ),
 }
-SYSTEM_FIELDS = (
-    "createdon",
-    "modifiedon",
-    "_createdby_value",
-    "_modifiedby_value",
-    "_createdonbehalfby_value",
-    "_modifiedonbehalfby_value",
-    "_ownerid_value",
-    "versionnumber",
-)
 
 
 class DataverseError(Exception):

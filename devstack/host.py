@@ -361,15 +361,6 @@ class Keys:
 # --------------------------------------------------------------------------- storage
 
 
-def _parse_connection_string(text: str) -> dict[str, str]:
-    parts = {}
-    for item in text.split(";"):
-        if "=" in item:
-            key, _, value = item.partition("=")
-            parts[key.strip().lower()] = value.strip()
-    return parts
-
-
 class StorageAccount:
     """One storage connection (a connection string or identity-based ``<name>__queueServiceUri``)."""
 
@@ -522,9 +513,6 @@ class FunctionSpec:
     @property
     def trigger_type(self) -> str:
         return str(self.trigger.get("type", ""))
-
-    def inputs(self) -> list[dict[str, Any]]:
-        return [b for b in self.bindings if b is not self.trigger and str(b.get("direction")).upper() == "IN"]
 
     def outputs(self) -> list[dict[str, Any]]:
         return [
