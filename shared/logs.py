@@ -57,10 +57,6 @@ def register_secret(value: str | None) -> None:
         _secrets = _secrets | forms
 
 
-def registered_secret_count() -> int:
-    return len(_secrets)
-
-
 def redact(text: str) -> str:
     """``text`` with every known secret and credential-looking token replaced by ``***``."""
     # longest first, so a secret that contains another registered one is masked whole
