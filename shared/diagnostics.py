@@ -156,11 +156,10 @@ def _other_user(runtime: Runtime, app_user_id: str) -> SystemUser | None:
 
     One with an Entra object id is preferred: ``CallerObjectId`` is the header the writes use.
     """
-    from shared.users import SystemUser
+    from shared.users import SELECT, SystemUser
 
     params = {
-        "$select": "systemuserid,internalemailaddress,fullname,azureactivedirectoryobjectid,"
-        "isdisabled,accessmode",
+        "$select": SELECT,
         "$filter": f"isdisabled eq false and accessmode eq 0 and systemuserid ne {app_user_id}",
     }
     pages = runtime.dataverse.iter_pages("systemusers", params, page_size=20, correlation_id="diagnostics")
@@ -190,7 +189,6 @@ class _Walk:
             detail = action()
         except SyncError as exc:
             ok, detail, fix = False, f"{exc.code}: {exc.message}", _fix(exc, self.settings)
-            detail = redact(detail)
         except Exception as exc:  # a diagnostic must report, not crash
             log.exception("diagnostics step %s failed unexpectedly", name)
             ok, detail = False, f"unexpected {type(exc).__name__}"
