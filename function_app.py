@@ -23,7 +23,7 @@ import shared
 from shared import logs
 from shared.diagnostics import run_diagnostics
 from shared.errors import ActorError, ConfigurationError, SyncError
-from shared.jobs import is_email_address, process_message
+from shared.jobs import dumps, is_email_address, process_message
 from shared.reconciliation import ROSTER_PATH, SNAPSHOT_PATH, run_reconciliation
 from shared.webhooks import error_body, handle_webhook
 
@@ -115,7 +115,7 @@ def sync_job(msg: func.QueueMessage, deadletter: func.Out[str]) -> None:
     log.info("job message %s dequeue_count=%s", msg.id, msg.dequeue_count)
     outcome = process_message(msg.get_body())
     if outcome.dead_letter is not None:
-        deadletter.set(json.dumps(outcome.dead_letter, ensure_ascii=False, separators=(",", ":")))
+        deadletter.set(dumps(outcome.dead_letter))  # the text whose size process_message checked
 
 
 # --- HTTP ----------------------------------------------------------------------------------------
