@@ -19,10 +19,10 @@ from typing import Any
 
 from shared.dataverse import Caller, DataverseClient, odata_literal
 from shared.errors import ActorError, InvalidJob
+from shared.jobs import ACT_AS_FIELDS
 from shared.singleflight import SingleFlight
 
 SELECT = "systemuserid,internalemailaddress,fullname,azureactivedirectoryobjectid,isdisabled,accessmode"
-ACT_AS_KEYS = ("email", "systemUserId", "azureAdObjectId")
 
 
 @dataclass(frozen=True)
@@ -124,11 +124,11 @@ class UserDirectory:
 
     def resolve(self, act_as: Mapping[str, str], *, correlation_id: str | None = None) -> SystemUser:
         """``{"email": …}``, ``{"systemUserId": …}`` or ``{"azureAdObjectId": …}`` (exactly one)."""
-        given = [k for k in ACT_AS_KEYS if k in act_as]
+        given = [k for k in ACT_AS_FIELDS if k in act_as]
         if len(given) != 1 or len(act_as) != 1 or not isinstance(act_as[given[0]], str):
             raise InvalidJob(
                 "actAs must have exactly one of email, systemUserId, azureAdObjectId (a string)",
-                details=[{"field": "actAs", "message": "exactly one of " + ", ".join(ACT_AS_KEYS)}],
+                details=[{"field": "actAs", "message": "exactly one of " + ", ".join(ACT_AS_FIELDS)}],
             )
         key = given[0]
         value = act_as[key]
