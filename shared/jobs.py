@@ -259,12 +259,16 @@ def _check_act_as(obj: Mapping[str, Any], errors: _Errors) -> dict[str, str] | N
     return {name: value if name == "email" else value.lower()}
 
 
-def _invalid(errors: _Errors) -> InvalidJob:
-    first = errors.items[0]
-    more = len(errors.items) - 1
+def problems_message(details: list[dict[str, Any]]) -> str:
+    """One line for a list of ``{"field", "message"}`` problems: the first, and how many more."""
+    first = details[0]
+    more = len(details) - 1
     suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-    message = f"{first['field']}: {first['message']}{suffix}"
-    return InvalidJob(message, code="invalid_job", details=errors.items)
+    return f"{first['field']}: {first['message']}{suffix}"
+
+
+def _invalid(errors: _Errors) -> InvalidJob:
+    return InvalidJob(problems_message(errors.items), code="invalid_job", details=errors.items)
 
 
 def _reject_constant(name: str) -> Any:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared.errors import ConfigurationError, InvalidJob, SyncError
-from shared.jobs import MAX_JOB_BYTES, dumps, loads, parse_job, text_size
+from shared.jobs import MAX_JOB_BYTES, dumps, loads, parse_job, problems_message, text_size
 
 log = logging.getLogger("shared.webhooks")
 
@@ -215,11 +215,7 @@ def _validate(jobs: list[object], batched: bool) -> tuple[list[str], list[str]] 
         first_index.setdefault(job.id, index)
         ids.append(job.id)
     if details:
-        count = len(details)
-        message = f"{details[0]['field']}: {details[0]['message']}"
-        if count > 1:
-            message += f" (and {count - 1} more problem{'s' if count > 2 else ''})"
-        return _fail(400, "invalid_job", message, details)
+        return _fail(400, "invalid_job", problems_message(details), details)
 
     messages = [dumps(obj) for obj in jobs]
     too_large = [
