@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -151,14 +152,7 @@ class _IdentityCredential:
         self._probe = probe
 
     def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
-        if self._probe is not None:
-            self._probe.reset()
-        try:
-            token: AccessToken = self._inner.get_token(*scopes, **kwargs)
-        except AuthError:
-            raise
-        except Exception as exc:
-            raise classify_identity_failure(exc, self._probe) from exc
+        token: AccessToken = self._classified(lambda: self._inner.get_token(*scopes, **kwargs))
         return token
 
     def get_token_info(self, *scopes: str, options: Any = None) -> AccessTokenInfo:
@@ -169,15 +163,18 @@ class _IdentityCredential:
             kwargs.pop("pop", None)
             token = self.get_token(*scopes, **kwargs)
             return AccessTokenInfo(token.token, token.expires_on)
+        info: AccessTokenInfo = self._classified(lambda: self._inner.get_token_info(*scopes, options=options))
+        return info
+
+    def _classified(self, fetch: Callable[[], Any]) -> Any:
         if self._probe is not None:
             self._probe.reset()
         try:
-            info: AccessTokenInfo = self._inner.get_token_info(*scopes, options=options)
+            return fetch()
         except AuthError:
             raise
         except Exception as exc:
             raise classify_identity_failure(exc, self._probe) from exc
-        return info
 
     def close(self) -> None:
         close = getattr(self._inner, "close", None)
