@@ -459,10 +459,11 @@ class DataverseClient:
         correlation_id: str | None = None,
     ) -> dict[str, Any]:
         response = self.request("GET", path, params=params, headers=headers, correlation_id=correlation_id)
-        data = self._json(response, f"GET {path.split('?')[0][:100]}")
+        label = f"GET {path.split('?')[0][:100]}"
+        data = self._json(response, label)
         if not isinstance(data, dict):
             raise DataverseError(
-                f"GET {path.split('?')[0][:100]} answered JSON that is not an object",
+                f"{label} answered JSON that is not an object",
                 status=response.status_code,
                 code="dataverse_malformed_response",
                 transient=True,
@@ -687,15 +688,15 @@ def _id_from_body(body: Mapping[str, Any] | None, entity_set: str) -> str | None
     """The primary id Dataverse returns with a representation (``contactid`` for ``contacts``…)."""
     if not body:
         return None
+    singular = entity_set[:-1] if entity_set.endswith("s") else entity_set
+    preferred = _guid(body.get(f"{singular}id"))
+    if preferred:
+        return preferred
     candidates = [
         guid
         for name, value in body.items()
         if not name.startswith(("_", "@")) and name.endswith("id") and (guid := _guid(value)) is not None
     ]
-    singular = entity_set[:-1] if entity_set.endswith("s") else entity_set
-    preferred = body.get(f"{singular}id")
-    if _guid(preferred):
-        return _guid(preferred)
     return candidates[0] if len(candidates) == 1 else None
 
 
