@@ -59,6 +59,11 @@ def _error(
     return _json(status, error_body(code, message, details))
 
 
+def _invalid_email() -> func.HttpResponse:
+    return _error(400, "invalid_email", "the email query parameter must be an email address",
+                  [{"field": "email", "message": "must be an email address"}])
+
+
 def _guarded(name: str, handler: Callable[[], func.HttpResponse]) -> func.HttpResponse:
     """Every failure becomes the documented error body; a traceback never reaches the caller."""
     try:
@@ -147,8 +152,7 @@ def lookup_user(req: func.HttpRequest) -> func.HttpResponse:
     def handle() -> func.HttpResponse:
         email = (req.params.get("email") or "").strip()
         if not is_email_address(email):
-            return _error(400, "invalid_email", "the email query parameter must be an email address",
-                          [{"field": "email", "message": "must be an email address"}])
+            return _invalid_email()
         try:
             user = _runtime().users.by_email(email, correlation_id="lookup_user")
         except ActorError as exc:
@@ -174,8 +178,7 @@ def diagnostics(req: func.HttpRequest) -> func.HttpResponse:
     def handle() -> func.HttpResponse:
         email = (req.params.get("email") or "").strip()
         if email and not is_email_address(email):
-            return _error(400, "invalid_email", "the email query parameter must be an email address",
-                          [{"field": "email", "message": "must be an email address"}])
+            return _invalid_email()
         report = run_diagnostics(act_as={"email": email} if email else None)
         return _json(200 if report["ok"] else 503, report)
 
