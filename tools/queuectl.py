@@ -267,23 +267,28 @@ def cmd_replay(storage: Storage, queues: Queues, args: argparse.Namespace, out: 
     client = storage.queue(source)
     replayed = left = 0
     held: list[QueueMessage] = []  # received but not replayed: made visible again at the end
+    # A dry run peeks (at most 32 messages, the service's limit) so it changes nothing, not even
+    # the dequeue count; a real replay receives, which hides each message while it is copied.
+    messages = client.peek_messages(max_messages=PEEK_LIMIT) if args.dry_run else _receive(client, PEEK_LIMIT)
     try:
-        for message in _receive(client, PEEK_LIMIT):
+        for message in messages:
             if args.max is not None and replayed >= args.max:
-                held.append(message)
+                if not args.dry_run:
+                    held.append(message)
                 break
             item = _replay_item(args.queue, message)
             if args.id and item.job_id != args.id:
-                held.append(message)
+                if not args.dry_run:
+                    held.append(message)
                 continue
             if item.problem:
                 print(f"  left    {message.id}  {item.job_id or '(no id)'}: {item.problem}", file=out)
-                held.append(message)
+                if not args.dry_run:
+                    held.append(message)
                 left += 1
                 continue
             if args.dry_run:
                 print(f"  would replay {message.id}  {item.job_id or '(no id)'} -> {queues.sync}", file=out)
-                held.append(message)
                 replayed += 1
                 continue
             held.append(message)  # until its copy is on the sync queue

@@ -165,7 +165,9 @@ def test_dry_run_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     code, out = run(storage, "replay", "poison", "--dry-run", monkeypatch=monkeypatch)
     assert code == 0 and "would replay" in out
     assert storage.texts("dynamics-sync") == []
-    assert len(storage.queue("dynamics-sync-poison").messages) == 1
+    poison = storage.queue("dynamics-sync-poison").messages
+    assert len(poison) == 1
+    assert poison[0].dequeue_count == 0 and poison[0].visible  # peeked, not received
 
 
 def test_peek_shows_reasons_without_taking(monkeypatch: pytest.MonkeyPatch) -> None:
