@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import threading
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 
@@ -15,6 +12,7 @@ from devstack.control import SandboxClient
 from shared.errors import AuthError
 from shared.runtime import Runtime, get_runtime
 from shared.settings import Settings
+from tests.concurrency import in_parallel
 
 pytestmark = pytest.mark.integration
 
@@ -22,28 +20,6 @@ pytestmark = pytest.mark.integration
 def runtime_with(**overrides: str) -> Runtime:
     """A fresh runtime on the sandbox's settings (already in os.environ), with some overridden."""
     return Runtime.from_settings(Settings.from_env({**os.environ, **overrides}))
-
-
-def in_parallel(n: int, fn: Callable[[], Any]) -> list[Any]:
-    barrier = threading.Barrier(n)
-    results: list[Any] = []
-    lock = threading.Lock()
-
-    def run() -> None:
-        barrier.wait()
-        try:
-            outcome = fn()
-        except Exception as exc:
-            outcome = exc
-        with lock:
-            results.append(outcome)
-
-    threads = [threading.Thread(target=run) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return results
 
 
 def rotate(sbx: SandboxClient, *, keep_old: bool = False) -> str:
@@ -60,7 +36,7 @@ def test_32_cold_threads_cause_one_identity_one_secret_and_one_token_request(
     sandbox_env.set_latency("entra", 0.2)  # keep the first request in flight while the others arrive
     sandbox_env.set_latency("keyvault", 0.2)
     runtime = get_runtime()
-    tokens = in_parallel(32, runtime.tokens.get_token)
+    tokens = in_parallel(32, runtime.tokens.get_token, timeout=60)
     assert len(set(tokens)) == 1 and isinstance(tokens[0], str)
     counters = sandbox_env.counters()
     assert counters["identity"]["GET msi"] == 1
@@ -115,7 +91,7 @@ def test_concurrent_callers_during_rotation_reread_once(sandbox_env: SandboxClie
     sandbox_env.revoke_tokens()
     sandbox_env.reset_counters()
     sandbox_env.set_latency("entra", 0.1)
-    results = in_parallel(16, runtime.dataverse.whoami)
+    results = in_parallel(16, runtime.dataverse.whoami, timeout=60)
     assert all(isinstance(r, dict) and r.get("UserId") for r in results), results
     counters = sandbox_env.counters()
     assert counters["keyvault"]["GET secret"] == 1

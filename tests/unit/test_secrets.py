@@ -20,6 +20,7 @@ from azure.identity import CredentialUnavailableError
 from shared.errors import AuthError
 from shared.logs import redact
 from shared.secrets import SecretStore, is_key_vault_host
+from tests.concurrency import gate_single_flight, in_parallel
 
 LOCAL_VAULT = "https://kv.local.test"
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
@@ -89,44 +90,6 @@ def no_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(time, "sleep", lambda seconds: None)
 
 
-def _in_parallel(n: int, fn: Any) -> list[Any]:
-    results: list[Any] = [None] * n
-    start = threading.Barrier(n)
-
-    def run(i: int) -> None:
-        start.wait()
-        try:
-            results[i] = fn()
-        except BaseException as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(20)
-    return results
-
-
-def _hold_until_all_joined(store: SecretStore, vault: FakeVault, n: int) -> None:
-    """Block the one Key Vault read until all n callers have entered the single flight."""
-    entered = 0
-    lock = threading.Lock()
-    everyone = threading.Event()
-    inner = store._flight.do
-
-    def counting(key: Any, fn: Any) -> Any:
-        nonlocal entered
-        with lock:
-            entered += 1
-            if entered == n:
-                everyone.set()
-        return inner(key, fn)
-
-    store._flight.do = counting  # type: ignore[method-assign]
-    vault.before_answer = everyone
-
-
 def test_reads_once_and_caches(vault: FakeVault) -> None:
     vault.secrets["dataverse-client-secret"] = "s3cret-value-1"
     cred = FakeCredential()
@@ -140,8 +103,8 @@ def test_reads_once_and_caches(vault: FakeVault) -> None:
 def test_32_cold_threads_cause_one_read(vault: FakeVault) -> None:
     vault.secrets["dataverse-client-secret"] = "s3cret-value-1"
     store = SecretStore(LOCAL_VAULT, FakeCredential())
-    _hold_until_all_joined(store, vault, 32)
-    results = _in_parallel(32, lambda: store.get("dataverse-client-secret"))
+    vault.before_answer = gate_single_flight(store, 32)
+    results = in_parallel(32, lambda: store.get("dataverse-client-secret"))
     assert results == ["s3cret-value-1"] * 32
     assert vault.reads == 1
 
@@ -151,8 +114,8 @@ def test_refresh_under_concurrency_rereads_once(vault: FakeVault) -> None:
     store = SecretStore(LOCAL_VAULT, FakeCredential())
     assert store.get("s") == "old-secret-value"
     vault.secrets["s"] = "new-secret-value"
-    _hold_until_all_joined(store, vault, 16)
-    results = _in_parallel(16, lambda: store.refresh("s", stale="old-secret-value"))
+    vault.before_answer = gate_single_flight(store, 16)
+    results = in_parallel(16, lambda: store.refresh("s", stale="old-secret-value"))
     assert results == ["new-secret-value"] * 16
     assert vault.reads == 2
     # a late caller still holding the stale value gets the new one without another read

@@ -16,6 +16,7 @@ import responses
 from shared.errors import AuthError
 from shared.settings import Settings
 from shared.tokens import TokenProvider
+from tests.concurrency import gate_single_flight, in_parallel
 
 TENANT = "11111111-2222-3333-4444-555555555555"
 CLIENT = "66666666-7777-8888-9999-000000000000"
@@ -162,51 +163,10 @@ def test_token_is_reused_until_five_minutes_before_expiry(
     assert len(entra.token_posts) == 2
 
 
-def hold_answer_until_all_joined(tokens: TokenProvider, entra: FakeEntra, n: int) -> None:
-    """Entra answers only once all n callers are inside get_token's single flight."""
-    entered = 0
-    lock = threading.Lock()
-    everyone = threading.Event()
-    inner = tokens._flight.do
-
-    def counting(key: Any, fn: Any) -> Any:
-        nonlocal entered
-        with lock:
-            entered += 1
-            if entered == n:
-                everyone.set()
-        return inner(key, fn)
-
-    tokens._flight.do = counting  # type: ignore[method-assign]
-    entra.before_answer = everyone
-
-
-def in_parallel(n: int, fn: Callable[[], Any]) -> list[Any]:
-    barrier = threading.Barrier(n)
-    results: list[Any] = []
-    lock = threading.Lock()
-
-    def call() -> None:
-        barrier.wait()
-        try:
-            outcome = fn()
-        except Exception as exc:
-            outcome = exc
-        with lock:
-            results.append(outcome)
-
-    threads = [threading.Thread(target=call) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(20)
-    return results
-
-
 def test_32_cold_callers_cause_one_token_request_and_one_secret_read(entra: FakeEntra) -> None:
     secrets = FakeSecrets()
     tokens = provider(secrets)
-    hold_answer_until_all_joined(tokens, entra, 32)
+    entra.before_answer = gate_single_flight(tokens, 32)
     assert in_parallel(32, tokens.get_token) == ["access-token-1"] * 32
     assert len(entra.token_posts) == 1
     assert secrets.reads == 1
@@ -338,7 +298,7 @@ def test_failures_are_shared_by_concurrent_callers_not_repeated(entra: FakeEntra
     """Single flight also covers failure: 8 callers waiting on a rejected request get its error."""
     entra.failure = (400, entra_error("unauthorized_client", 700016))
     tokens = provider()
-    hold_answer_until_all_joined(tokens, entra, 8)
+    entra.before_answer = gate_single_flight(tokens, 8)
     outcomes = in_parallel(8, tokens.get_token)
     assert [getattr(o, "code", o) for o in outcomes] == ["entra_unauthorized_client"] * 8
     assert len(entra.token_posts) == 1

@@ -17,6 +17,7 @@ from shared.dataverse import Caller, DataverseClient
 from shared.errors import ActorError, InvalidJob
 from shared.settings import Settings
 from shared.users import SELECT, SystemUser, UserDirectory
+from tests.concurrency import gate_single_flight, in_parallel
 
 ORG = "https://org.crm.dynamics.com"
 API = f"{ORG}/api/data/v9.2/"
@@ -188,33 +189,8 @@ def test_24_concurrent_jobs_of_one_cold_actor_cause_one_lookup(
     directory: UserDirectory, dataverse: FakeDataverse
 ) -> None:
     n = 24
-    entered = 0
-    lock = threading.Lock()
-    everyone = threading.Event()
-    inner = directory._flight.do
-
-    def counting(key: Any, fn: Any) -> Any:
-        nonlocal entered
-        with lock:
-            entered += 1
-            if entered == n:
-                everyone.set()
-        return inner(key, fn)
-
-    directory._flight.do = counting  # type: ignore[method-assign]
-    dataverse.before_answer = everyone
-    barrier = threading.Barrier(n)
-    found: list[str] = []
-
-    def job() -> None:
-        barrier.wait()
-        found.append(directory.by_email("jane@contoso.com").systemuserid)
-
-    threads = [threading.Thread(target=job) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(20)
+    dataverse.before_answer = gate_single_flight(directory, n)
+    found = in_parallel(n, lambda: directory.by_email("jane@contoso.com").systemuserid)
     assert found == ["00000000-0000-0000-0000-000000000001"] * n
     assert len(dataverse.queries) == 1
 
