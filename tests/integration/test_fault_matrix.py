@@ -44,6 +44,7 @@ from shared.errors import SyncError
 from shared.jobs import MAX_JOB_BYTES
 from shared.runtime import get_runtime, reset_runtime
 from shared.secrets import SecretStore
+from tests.bindings import Out
 
 pytestmark = pytest.mark.integration
 
@@ -455,17 +456,6 @@ def record_texts(record: logging.LogRecord) -> Iterator[str]:
 # --- the queue trigger, as the host calls it ----------------------------------------------------
 
 
-class Out:
-    def __init__(self) -> None:
-        self.values: list[Any] = []
-
-    def set(self, value: Any) -> None:
-        self.values.append(value)
-
-    def get(self) -> Any:
-        return self.values[-1] if self.values else None
-
-
 @dataclass
 class Delivery:
     message: bytes
@@ -486,17 +476,17 @@ def deliver(message: Mapping[str, Any] | bytes, dequeue_count: int = 1) -> Outco
     try:
         function_app.sync_job(msg, out)
     except SyncError as exc:
-        assert out.values == [], "a delivery that raises must not dead-letter as well"
+        assert out.sets == [], "a delivery that raises must not dead-letter as well"
         outcome: Outcome = Raised(exc.code, exc.transient)
         DELIVERIES.append(Delivery(body, outcome, None))
         return outcome
-    if not out.values:
+    if not out.sets:
         assert len(RESULTS) == written_before + 1, "a completed delivery wrote exactly once"
         written = Written(noop=RESULTS[-1].noop)
         DELIVERIES.append(Delivery(body, written, None))
         return written
-    assert len(out.values) == 1, "one dead-letter message per delivery"
-    record = json.loads(out.values[0])
+    assert len(out.sets) == 1, "one dead-letter message per delivery"
+    record = json.loads(out.sets[0])
     DELIVERIES.append(Delivery(body, DeadLettered(record["reason"]), record))
     return DeadLettered(record["reason"])
 

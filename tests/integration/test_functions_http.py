@@ -14,20 +14,9 @@ from azure.functions.timer import TimerRequest
 import function_app
 from devstack.control import SandboxClient
 from shared.webhooks import signature_header
+from tests.bindings import Out
 
 pytestmark = pytest.mark.integration
-
-
-class Out:
-    def __init__(self) -> None:
-        self.value: Any = None
-        self.was_set = False
-
-    def set(self, val: Any) -> None:
-        self.value, self.was_set = val, True
-
-    def get(self) -> Any:
-        return self.value
 
 
 def body_of(response: func.HttpResponse) -> Any:

@@ -13,20 +13,9 @@ import function_app
 from devstack.control import SandboxClient
 from shared.errors import DataverseError
 from shared.jobs import deterministic_id
+from tests.bindings import Out
 
 pytestmark = pytest.mark.integration
-
-
-class Out:
-    def __init__(self) -> None:
-        self.value: Any = None
-        self.was_set = False
-
-    def set(self, val: Any) -> None:
-        self.value, self.was_set = val, True
-
-    def get(self) -> Any:
-        return self.value
 
 
 def user_id(sbx: SandboxClient, email: str) -> str:

@@ -20,6 +20,7 @@ import shared
 from shared.errors import AuthError, DataverseError
 from shared.settings import SETTINGS
 from shared.webhooks import signature_header
+from tests.bindings import Out
 from tests.unit.functions_fakes import DISABLED, JANE, FakeDataverse, FakeRuntime, FakeSecrets, FakeUsers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -185,18 +186,6 @@ def test_local_settings_example_declares_every_setting() -> None:
 
 
 # --- helpers for direct invocation -----------------------------------------------------------------
-
-
-class Out:
-    def __init__(self) -> None:
-        self.value: Any = None
-        self.was_set = False
-
-    def set(self, val: Any) -> None:
-        self.value, self.was_set = val, True
-
-    def get(self) -> Any:
-        return self.value
 
 
 @pytest.fixture

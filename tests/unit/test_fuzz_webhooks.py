@@ -26,6 +26,7 @@ from shared import jobs
 from shared.errors import AuthError, ConfigurationError, SyncError
 from shared.jobs import MAX_JOB_BYTES, parse_job
 from shared.webhooks import MAX_BODY_BYTES, TOLERANCE_SECONDS, WebhookResult, handle_webhook, signature_header
+from tests.bindings import Out
 from tests.unit.functions_fakes import FakeRuntime, FakeSecrets
 from tests.unit.test_fuzz_jobs import broken_jobs, json_values, nested, valid_jobs
 
@@ -241,17 +242,6 @@ def test_a_signed_batch_is_all_or_nothing(batch: tuple[list[Any], int | None], s
 
 
 # --- the webhook function (func.HttpRequest in, Out binding) ---------------------------------------
-
-
-class Out:
-    def __init__(self) -> None:
-        self.sets: list[Any] = []
-
-    def set(self, value: Any) -> None:
-        self.sets.append(value)
-
-    def get(self) -> Any:
-        return self.sets[-1] if self.sets else None
 
 
 def _secrets(mode: str) -> FakeSecrets:
