@@ -30,8 +30,10 @@ install: $(VENV)/.installed $(CHECKOV_VENV)/.installed node_modules/.installed
 run: $(VENV)/.installed node_modules/.installed
 	$(PY) -m devstack.demo $(ARGS)
 
+## ruff, and the import contracts in .importlinter (shared/ one way; deployed code never imports devstack/).
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 
 typecheck: $(VENV)/.installed
 	$(PY) -m mypy

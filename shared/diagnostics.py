@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from shared.contract import is_guid
 from shared.errors import ActorError, ConfigurationError, SyncError
-from shared.jobs import is_guid
 from shared.logs import redact
 
 if TYPE_CHECKING:

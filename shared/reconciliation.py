@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from shared.contract import is_email_address
 from shared.errors import SyncError
-from shared.jobs import is_email_address
 
 if TYPE_CHECKING:
     from shared.runtime import Runtime

@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from shared.contract import ACT_AS_FIELDS
 from shared.dataverse import Caller, DataverseClient, odata_literal
 from shared.errors import ActorError, InvalidJob
-from shared.jobs import ACT_AS_FIELDS
 from shared.singleflight import SingleFlight
 
 SELECT = "systemuserid,internalemailaddress,fullname,azureactivedirectoryobjectid,isdisabled,accessmode"
