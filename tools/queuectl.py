@@ -1,22 +1,36 @@
 """Operator CLI for the sync queues: look at dead-lettered and poison messages, replay them, send jobs.
 
-    python -m tools.queuectl peek deadletter|poison|sync|QUEUE [-n N] [--json]
-    python -m tools.queuectl replay deadletter|poison [--max N] [--id JOBID] [--dry-run]
-    python -m tools.queuectl send FILE.json            (one job, or {"jobs": [...]}; "-" reads stdin)
+    queuectl peek deadletter|poison|sync|QUEUE [-n N] [--json]
+    queuectl replay deadletter|poison [--max N] [--id JOBID] [--dry-run] [--json]
+    queuectl send FILE.json [--json]         (one job, or {"jobs": [...]}; "-" reads stdin)
 
-Storage: ``--connection-string`` (Azurite or a key-based account), ``--account-url
-https://<account>.queue.core.windows.net`` with DefaultAzureCredential (a real account; the identity
-needs Storage Queue Data Contributor), else ``AzureWebJobsStorage``, else the devstack state file
-(``--state`` or ``DEVSTACK_STATE``).  Queue names derive from ``--queue`` / ``SYNC_QUEUE_NAME``
-(default ``dynamics-sync``): ``<q>-deadletter`` and ``<q>-poison``.
+``queuectl`` is installed by ``pip install .``; ``python -m tools.queuectl`` and
+``python tools/queuectl.py`` work too, from any directory.
+
+Storage (the first that is set wins; flags always beat the environment): ``--connection-string``
+(Azurite or a key-based account), ``--account-url https://<account>.queue.core.windows.net`` with
+DefaultAzureCredential (the identity needs Storage Queue Data Contributor), ``--state`` (a devstack
+state file); then the deployed app's settings ``AzureWebJobsStorage`` (a connection string),
+``AzureWebJobsStorage__queueServiceUri`` or ``AzureWebJobsStorage__accountName`` (identity-based),
+then ``AZURE_STORAGE_CONNECTION_STRING``, then ``DEVSTACK_STATE``.  Queue names derive from
+``--queue`` / ``SYNC_QUEUE_NAME`` (default ``dynamics-sync``): ``<q>-deadletter`` and ``<q>-poison``.
+Every storage call gives up after ``--timeout`` seconds (default 10) and one retry, so an unreachable
+account fails in seconds instead of the SDK's default of minutes.
 
 Messages are base64 on the wire, as the Functions host expects.  ``replay`` deletes a message only
 after its copy is on the sync queue, so a crash in between duplicates a job (jobs are idempotent)
-and never loses one.  Exit status: 0 done, 1 something was left or refused, 2 usage or
-configuration error, 3 storage error.
+and never loses one.  Exit status: see ``EXIT_CODES``.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    # Run as a script (python tools/queuectl.py, from any directory): make `tools` and `shared`
+    # importable from the checkout this file is in, not from wherever the shell happens to be.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse
 import base64
@@ -24,10 +38,8 @@ import binascii
 import contextlib
 import json
 import os
-import sys
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
@@ -36,7 +48,14 @@ if TYPE_CHECKING:
 DEFAULT_QUEUE = "dynamics-sync"
 PEEK_LIMIT = 32  # the Queue service returns at most 32 messages per peek or get
 REPLAY_VISIBILITY = 120  # seconds a message stays hidden while it is being replayed
+DEFAULT_TIMEOUT = 10.0  # seconds per storage call (connect and read)
 EXIT_OK, EXIT_LEFT, EXIT_USAGE, EXIT_STORAGE = 0, 1, 2, 3
+EXIT_CODES = {
+    EXIT_OK: "done",
+    EXIT_LEFT: "something was left in place, refused or not found (see the output)",
+    EXIT_USAGE: "usage or configuration error (bad arguments, unreadable file, no storage account)",
+    EXIT_STORAGE: "storage unreachable or refused the request (timeout, DNS, auth, ...)",
+}
 
 
 class UsageError(Exception):
@@ -74,21 +93,38 @@ class Queues:
         return {"sync": self.sync, "deadletter": self.deadletter, "poison": self.poison}.get(which, which)
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where the queues are, and which flag or setting said so (for messages; never the secret)."""
+
+    connection_string: str | None = None
+    account_url: str | None = None
+    source: str = ""
+
+
 class Storage:
     """Raw-text queue clients (this tool does the base64 itself, so undecodable messages stay visible)."""
 
-    def __init__(self, *, connection_string: str | None = None, account_url: str | None = None) -> None:
-        from azure.storage.queue import QueueServiceClient
+    def __init__(self, target: Target, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        from azure.storage.queue import LinearRetry, QueueServiceClient
 
-        if connection_string:
+        # The SDK's default is 3 retries 15 s apart on top of long socket timeouts: minutes of
+        # silence when the account is unreachable.  An operator wants an answer in seconds.
+        options: dict[str, Any] = {
+            "connection_timeout": timeout, "read_timeout": timeout,
+            "retry_policy": LinearRetry(backoff=1, retry_total=1, random_jitter_range=0),
+        }
+        self.timeout = timeout
+        if target.connection_string:
             # The SDK itself expands UseDevelopmentStorage=true to Azurite's well-known account.
-            self.service = QueueServiceClient.from_connection_string(connection_string)
+            self.service = QueueServiceClient.from_connection_string(target.connection_string, **options)
             self.where = self.service.url
-        elif account_url:
+        elif target.account_url:
             from azure.identity import DefaultAzureCredential
 
-            self.service = QueueServiceClient(account_url, credential=DefaultAzureCredential())
-            self.where = account_url
+            self.service = QueueServiceClient(target.account_url, credential=DefaultAzureCredential(),
+                                              **options)
+            self.where = target.account_url
         else:
             raise UsageError("no storage account given")
 
@@ -118,27 +154,50 @@ def _state_connection(path: str | None) -> str | None:
     return str(value)
 
 
-def open_storage(args: argparse.Namespace) -> Storage:
+def _https_url(url: str, source: str) -> str:
+    if not url.startswith("https://"):
+        raise UsageError(f"{source} must be https://<account>.queue.core.windows.net, got {url}")
+    return url.rstrip("/")
+
+
+def resolve_storage(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Target:
+    """Which account to use.  Flags first (what the operator typed beats whatever the shell or the
+    app settings happen to export), then the deployed app's own settings, so the tool can run with
+    the same configuration as the Function App, then the generic SDK variable, then the devstack."""
+    env = os.environ if environ is None else environ
     if args.connection_string and args.account_url:
         raise UsageError("give --connection-string or --account-url, not both")
     if args.connection_string:
-        return Storage(connection_string=args.connection_string)
+        return Target(connection_string=args.connection_string, source="--connection-string")
     if args.account_url:
-        if not args.account_url.startswith("https://"):
-            raise UsageError(
-                f"--account-url must be https://<account>.queue.core.windows.net, got {args.account_url}"
-            )
-        return Storage(account_url=args.account_url)
-    environment = os.environ.get("AzureWebJobsStorage")  # noqa: SIM112 - the Functions setting's name
-    if environment:
-        return Storage(connection_string=environment)
-    state = _state_connection(args.state or os.environ.get("DEVSTACK_STATE"))
+        return Target(account_url=_https_url(args.account_url, "--account-url"), source="--account-url")
+    if args.state:
+        return Target(connection_string=_state_connection(args.state), source="--state")
+    if env.get("AzureWebJobsStorage"):
+        return Target(connection_string=env["AzureWebJobsStorage"], source="AzureWebJobsStorage")
+    uri = env.get("AzureWebJobsStorage__queueServiceUri")
+    if uri:
+        source = "AzureWebJobsStorage__queueServiceUri"
+        return Target(account_url=_https_url(uri, source), source=source)
+    account = env.get("AzureWebJobsStorage__accountName")
+    if account:
+        return Target(account_url=f"https://{account}.queue.core.windows.net",
+                      source="AzureWebJobsStorage__accountName")
+    if env.get("AZURE_STORAGE_CONNECTION_STRING"):
+        return Target(connection_string=env["AZURE_STORAGE_CONNECTION_STRING"],
+                      source="AZURE_STORAGE_CONNECTION_STRING")
+    state = _state_connection(env.get("DEVSTACK_STATE"))
     if state:
-        return Storage(connection_string=state)
+        return Target(connection_string=state, source="DEVSTACK_STATE")
     raise UsageError(
-        "no storage account: pass --connection-string or --account-url, set AzureWebJobsStorage, "
+        "no storage account: pass --connection-string, --account-url or --state, set AzureWebJobsStorage "
+        "(or AzureWebJobsStorage__queueServiceUri / __accountName, or AZURE_STORAGE_CONNECTION_STRING), "
         "or run inside `python -m devstack exec --` (DEVSTACK_STATE)"
     )
+
+
+def open_storage(args: argparse.Namespace) -> Storage:
+    return Storage(resolve_storage(args), timeout=args.timeout)
 
 
 # --------------------------------------------------------------------------- message views
@@ -164,23 +223,71 @@ def describe(queue_kind: str, body: str) -> dict[str, Any]:
     return {"jobId": obj.get("id") if isinstance(obj, dict) else None, "job": obj}
 
 
+def shorten(text: str, width: int) -> str:
+    """At most ``width`` characters, cut at a word boundary (a half word reads as a different word)."""
+    text = " ".join(text.splitlines())  # one line per message; spacing inside a line is kept
+    if len(text) <= width:
+        return text
+    cut = text.rfind(" ", 0, width)
+    if cut < width // 2:  # one long token (an id, a URL): cutting inside it is the lesser evil
+        cut = width - 1
+    return text[:cut].rstrip() + "…"
+
+
 def _line(view: dict[str, Any], width: int = 100) -> str:
     if "reason" in view:
         text = f"{view.get('jobId') or '(no id)'}  {view['reason']}: {view.get('detail') or ''}"
-        return f"{text}  [failed {view.get('failedAt')}]"[: width + 40]
+        return f"{shorten(text, width + 10)}  [failed {view.get('failedAt')}]"
     if view.get("job") is not None:
-        job = view["job"]
-        summary = json.dumps(job, ensure_ascii=False)
-        return f"{view.get('jobId') or '(no id)'}  {summary[:width]}"
-    return f"(not JSON)  {view['text'][:width]!r}"
+        summary = json.dumps(view["job"], ensure_ascii=False)
+        return f"{view.get('jobId') or '(no id)'}  {shorten(summary, width)}"
+    return f"(not JSON)  {shorten(repr(view['text']), width)}"
 
 
-# --------------------------------------------------------------------------- commands
+class Report:
+    """Human lines as the work happens, or one JSON document at the end (``--json``)."""
+
+    def __init__(self, out: TextIO, as_json: bool) -> None:
+        self.out, self.as_json = out, as_json
+
+    def say(self, text: str) -> None:
+        if not self.as_json:
+            print(text, file=self.out)
+
+    def result(self, document: dict[str, Any]) -> None:
+        if self.as_json:
+            print(json.dumps(document, indent=2, ensure_ascii=False, default=str), file=self.out)
+
+
+def peek_notes(*, name: str, kind: str, total: int | None, shown: int, asked: int) -> list[str]:
+    """Why the operator sees fewer messages than the queue holds: each cause needs a different fix
+    (a bigger -n, waiting for retries to finish, or replaying/draining past the service's limit)."""
+    notes: list[str] = []
+    limit = min(asked, PEEK_LIMIT)
+    if asked > PEEK_LIMIT:
+        notes.append(f"-n {asked} was capped at {PEEK_LIMIT}: the Queue service peeks at most {PEEK_LIMIT} "
+                     "messages")
+    hidden = (total or 0) - shown
+    if hidden > 0 and shown >= limit:
+        if limit < PEEK_LIMIT:
+            notes.append(f"{hidden} more not shown because of the -n {asked} limit (at most {PEEK_LIMIT})")
+        else:
+            notes.append(f"{hidden} more not shown: the Queue service peeks at most {PEEK_LIMIT} messages")
+    elif hidden > 0:
+        notes.append(f"{hidden} message(s) invisible right now: being processed or waiting for a retry; "
+                     "they show up again when their visibility timeout ends (the count is approximate)")
+    if kind == "poison" and shown:
+        notes.append("the failure reason is not in a poison message: the host logged it with each attempt. "
+                     "In Application Insights: traces | where message has \"job=<jobId>\" (this app's job "
+                     "log lines), or exceptions | where operation_Name == \"sync_job\" around insertedOn; "
+                     "locally, in the host's console log")
+    return notes
 
 
 def cmd_peek(storage: Storage, queues: Queues, args: argparse.Namespace, out: TextIO) -> int:
     from azure.core.exceptions import ResourceNotFoundError
 
+    report = Report(out, args.json)
     name = queues.named(args.queue)
     kind = args.queue if args.queue in ("deadletter", "poison", "sync") else "other"
     client = storage.queue(name)
@@ -188,7 +295,8 @@ def cmd_peek(storage: Storage, queues: Queues, args: argparse.Namespace, out: Te
         total = client.get_queue_properties().approximate_message_count
         messages = list(client.peek_messages(max_messages=min(args.n, PEEK_LIMIT)))
     except ResourceNotFoundError:
-        print(f"queue {name} does not exist (nothing has been sent to it yet)", file=out)
+        report.say(f"queue {name} does not exist (nothing has been sent to it yet)")
+        report.result({"queue": name, "exists": False, "approximateCount": 0, "messages": [], "notes": []})
         return EXIT_OK
     views = []
     for message in messages:
@@ -198,17 +306,18 @@ def cmd_peek(storage: Storage, queues: Queues, args: argparse.Namespace, out: Te
             "insertedOn": message.inserted_on.isoformat() if message.inserted_on else None,
             "base64": was_base64,
         }
+        if kind == "poison" and view.get("jobId"):
+            view["logQuery"] = f'traces | where message has "job={view["jobId"]}"'
         views.append(view)
-    if args.json:
-        print(json.dumps({"queue": name, "approximateCount": total, "messages": views}, indent=2,
-                         ensure_ascii=False, default=str), file=out)
-        return EXIT_OK
-    print(f"{name}: about {total} message(s); showing {len(views)}", file=out)
+    notes = peek_notes(name=name, kind=kind, total=total, shown=len(views), asked=args.n)
+    report.result({"queue": name, "exists": True, "approximateCount": total, "messages": views,
+                   "notes": notes})
+    report.say(f"{name}: about {total} message(s); showing {len(views)}")
     for view in views:
         note = "" if view["base64"] else "  (not base64: the host sends this to -poison untouched)"
-        print(f"  {view['messageId']}  x{view['dequeueCount']}  {_line(view)}{note}", file=out)
-    if total and total > len(views):
-        print(f"  ... {total - len(views)} more (a peek shows at most {PEEK_LIMIT})", file=out)
+        report.say(f"  {view['messageId']}  x{view['dequeueCount']}  {_line(view)}{note}")
+    for text in notes:
+        report.say(f"  note: {text}")
     return EXIT_OK
 
 
@@ -260,19 +369,34 @@ def _receive(client: QueueClient, wanted: int) -> Iterator[QueueMessage]:
             yield message
 
 
+@dataclass
+class ReplayResult:
+    replayed: list[dict[str, Any]] = field(default_factory=list)
+    left: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
 def cmd_replay(storage: Storage, queues: Queues, args: argparse.Namespace, out: TextIO) -> int:
     from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
+    report = Report(out, args.json)
     source = queues.named(args.queue)
     client = storage.queue(source)
-    replayed = left = 0
+    result = ReplayResult()
     held: list[QueueMessage] = []  # received but not replayed: made visible again at the end
-    # A dry run peeks (at most 32 messages, the service's limit) so it changes nothing, not even
-    # the dequeue count; a real replay receives, which hides each message while it is copied.
-    messages = client.peek_messages(max_messages=PEEK_LIMIT) if args.dry_run else _receive(client, PEEK_LIMIT)
+    peeked = 0
     try:
+        # A dry run peeks (at most 32 messages, the service's limit) so it changes nothing, not even
+        # the dequeue count; a real replay receives, which hides each message while it is copied.
+        if args.dry_run:
+            total = client.get_queue_properties().approximate_message_count
+            messages: Iterator[QueueMessage] = iter(client.peek_messages(max_messages=PEEK_LIMIT))
+        else:
+            messages = _receive(client, PEEK_LIMIT)
         for message in messages:
-            if args.max is not None and replayed >= args.max:
+            peeked += 1
+            if args.max is not None and len(result.replayed) >= args.max:
                 if not args.dry_run:
                     held.append(message)
                 break
@@ -281,15 +405,16 @@ def cmd_replay(storage: Storage, queues: Queues, args: argparse.Namespace, out: 
                 if not args.dry_run:
                     held.append(message)
                 continue
+            entry = {"messageId": message.id, "jobId": item.job_id}
             if item.problem:
-                print(f"  left    {message.id}  {item.job_id or '(no id)'}: {item.problem}", file=out)
+                report.say(f"  left    {message.id}  {item.job_id or '(no id)'}: {item.problem}")
+                result.left.append(entry | {"problem": item.problem})
                 if not args.dry_run:
                     held.append(message)
-                left += 1
                 continue
             if args.dry_run:
-                print(f"  would replay {message.id}  {item.job_id or '(no id)'} -> {queues.sync}", file=out)
-                replayed += 1
+                report.say(f"  would replay {message.id}  {item.job_id or '(no id)'} -> {queues.sync}")
+                result.replayed.append(entry)
                 continue
             held.append(message)  # until its copy is on the sync queue
             storage.send(queues.sync, item.body)
@@ -297,31 +422,47 @@ def cmd_replay(storage: Storage, queues: Queues, args: argparse.Namespace, out: 
             try:
                 client.delete_message(message.id, message.pop_receipt)
             except HttpResponseError as exc:
-                print(f"  WARNING {message.id}: sent to {queues.sync} but not deleted from {source} ({exc}); "
-                      "it will show up here again: replaying it twice writes the same job twice", file=out)
-            print(f"  replayed {message.id}  {item.job_id or '(no id)'} -> {queues.sync}", file=out)
-            replayed += 1
+                warning = (f"{message.id}: sent to {queues.sync} but not deleted from {source} ({exc}); it "
+                           "will show up here again: replaying it twice writes the same job twice")
+                report.say(f"  WARNING {warning}")
+                result.warnings.append(warning)
+            report.say(f"  replayed {message.id}  {item.job_id or '(no id)'} -> {queues.sync}")
+            result.replayed.append(entry)
     except ResourceNotFoundError:
-        print(f"queue {source} does not exist: nothing to replay", file=out)
+        report.say(f"queue {source} does not exist: nothing to replay")
+        report.result({"queue": source, "target": queues.sync, "dryRun": args.dry_run, "exists": False,
+                       "replayed": [], "left": [], "warnings": [], "notes": []})
         return EXIT_OK
     finally:
         for message in held:
             # On failure it becomes visible again by itself when its hidden time runs out.
             with contextlib.suppress(HttpResponseError):
                 client.update_message(message.id, message.pop_receipt, visibility_timeout=0)
+    if args.dry_run and total and total > peeked and (args.max is None or len(result.replayed) < args.max):
+        result.notes.append(
+            f"the queue holds about {total} message(s) but a dry run peeked only {peeked}: it sees at most "
+            f"{PEEK_LIMIT} (the service's peek limit) and none that are invisible right now; "
+            "a real replay goes on until the queue is empty")
     verb = "would replay" if args.dry_run else "replayed"
-    print(f"{verb} {replayed} message(s) from {source} to {queues.sync}; {left} left in place", file=out)
-    if args.id and replayed == 0:
-        print(f"no message with job id {args.id} in {source}", file=out)
-        return EXIT_LEFT
-    return EXIT_LEFT if left else EXIT_OK
+    report.say(f"{verb} {len(result.replayed)} message(s) from {source} to {queues.sync}; "
+               f"{len(result.left)} left in place")
+    for note in result.notes:
+        report.say(f"  note: {note}")
+    missing = bool(args.id) and not result.replayed
+    if missing:
+        report.say(f"no message with job id {args.id} in {source}")
+    report.result({"queue": source, "target": queues.sync, "dryRun": args.dry_run, "exists": True,
+                   "replayed": result.replayed, "left": result.left, "warnings": result.warnings,
+                   "notes": result.notes})
+    return EXIT_LEFT if missing or result.left else EXIT_OK
 
 
-def load_jobs(path: str) -> list[Any]:
+def load_jobs(path: str, stdin: TextIO | None = None) -> list[Any]:
+    """The jobs in a file or on stdin.  Called once per run: stdin can only be read once."""
     from shared.jobs import loads
 
     try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8-sig")
+        text = (stdin or sys.stdin).read() if path == "-" else Path(path).read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
     try:
@@ -340,7 +481,8 @@ def cmd_send(storage: Storage, queues: Queues, args: argparse.Namespace, out: Te
     from shared.errors import InvalidJob
     from shared.jobs import MAX_JOB_BYTES, dumps, parse_job, text_size
 
-    jobs = load_jobs(args.file)
+    report = Report(out, args.json)
+    jobs: list[Any] = args.jobs if getattr(args, "jobs", None) is not None else load_jobs(args.file)
     batch = len(jobs) > 1 or args.file == "-"
     problems: list[str] = []
     texts: list[tuple[str, str]] = []
@@ -358,14 +500,18 @@ def cmd_send(storage: Storage, queues: Queues, args: argparse.Namespace, out: Te
             continue
         texts.append((parsed.id, text))
     if problems:
-        print(f"nothing sent: {len(problems)} problem(s) in {args.file}", file=out)
+        report.say(f"nothing sent: {len(problems)} problem(s) in {args.file}")
         for problem in problems:
-            print(f"  {problem}", file=out)
+            report.say(f"  {problem}")
+        report.result({"queue": queues.sync, "sent": [], "problems": problems})
         return EXIT_LEFT
+    sent: list[str] = []
     for job_id, text in texts:
         storage.send(queues.sync, text)
-        print(f"  sent {job_id} -> {queues.sync}", file=out)
-    print(f"sent {len(texts)} job(s) to {queues.sync}", file=out)
+        sent.append(job_id)
+        report.say(f"  sent {job_id} -> {queues.sync}")
+    report.say(f"sent {len(texts)} job(s) to {queues.sync}")
+    report.result({"queue": queues.sync, "sent": sent, "problems": []})
     return EXIT_OK
 
 
@@ -373,8 +519,12 @@ def cmd_send(storage: Storage, queues: Queues, args: argparse.Namespace, out: Te
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tools.queuectl",
-                                     description="Peek, replay and send sync jobs on the Functions queues.")
+    codes = "\n".join(f"  {code}  {meaning}" for code, meaning in EXIT_CODES.items())
+    parser = argparse.ArgumentParser(
+        prog="queuectl", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Peek, replay and send sync jobs on the Functions queues.",
+        epilog=f"exit status:\n{codes}\n\nWith --json, errors are a JSON object "
+               '{"error": {"code", "message"}} on stdout as well.')
     parser.add_argument("--connection-string",
                         help="storage connection string (or UseDevelopmentStorage=true)")
     parser.add_argument("--account-url",
@@ -382,43 +532,64 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--state", help="devstack state file (default $DEVSTACK_STATE): use its Azurite")
     parser.add_argument("--queue", dest="sync_queue", help="sync queue name (default $SYNC_QUEUE_NAME or "
                         f"{DEFAULT_QUEUE})")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                        help=f"seconds per storage call before giving up (default {DEFAULT_TIMEOUT:g})")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: `queuectl --json peek x` and `queuectl peek x --json` both work.
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="machine-readable output (one JSON document on stdout)")
     commands = parser.add_subparsers(dest="command", required=True)
-    peek = commands.add_parser("peek", help="show messages without taking them")
+    peek = commands.add_parser("peek", parents=[common], help="show messages without taking them")
     peek.add_argument("queue", help="deadletter, poison, sync, or a queue name")
     peek.add_argument("-n", type=int, default=10, help=f"how many (at most {PEEK_LIMIT})")
-    peek.add_argument("--json", action="store_true", help="machine-readable output")
-    replay = commands.add_parser("replay", help="move messages back onto the sync queue")
+    replay = commands.add_parser("replay", parents=[common], help="move messages back onto the sync queue")
     replay.add_argument("queue", choices=["deadletter", "poison"])
     replay.add_argument("--max", type=int, default=None, help="replay at most N messages")
     replay.add_argument("--id", help="replay only the job with this id")
     replay.add_argument("--dry-run", action="store_true", help="show what would be replayed, change nothing")
-    send = commands.add_parser("send", help="validate and enqueue jobs from a JSON file")
+    send = commands.add_parser("send", parents=[common], help="validate and enqueue jobs from a JSON file")
     send.add_argument("file", help='one job, or {"jobs": [...]}; "-" for stdin')
     return parser
 
 
+def _fail(args: argparse.Namespace, out: TextIO, code: int, kind: str, message: str) -> int:
+    print(message, file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"error": {"code": kind, "message": message}, "exit": code}), file=out)
+    return code
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
-    from azure.core.exceptions import AzureError
+    from azure.core.exceptions import AzureError, ServiceRequestError, ServiceResponseError
 
     stream = out or sys.stdout
     args = build_parser().parse_args(argv)
     queues = Queues(args.sync_queue or os.environ.get("SYNC_QUEUE_NAME") or DEFAULT_QUEUE)
     if getattr(args, "n", 1) < 1 or (getattr(args, "max", None) is not None and args.max < 1):
-        print("error: -n and --max must be at least 1", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(args, stream, EXIT_USAGE, "usage", "error: -n and --max must be at least 1")
+    if args.timeout <= 0:
+        return _fail(args, stream, EXIT_USAGE, "usage", "error: --timeout must be more than 0 seconds")
+    storage: Storage | None = None
     try:
         if args.command == "send":
-            load_jobs(args.file)  # a bad file is reported before any storage is touched
+            args.jobs = load_jobs(args.file)  # a bad file is reported before any storage is touched
         storage = open_storage(args)
         command = {"peek": cmd_peek, "replay": cmd_replay, "send": cmd_send}[args.command]
         return command(storage, queues, args, stream)
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(args, stream, EXIT_USAGE, "usage", f"error: {exc}")
+    except (ServiceRequestError, ServiceResponseError) as exc:
+        where = getattr(storage, "where", "the storage account")
+        seconds = getattr(storage, "timeout", args.timeout)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return _fail(args, stream, EXIT_STORAGE, "storage_unreachable",
+                     f"storage unreachable: no answer from {where} within {seconds:g} s "
+                     f"(after one retry): {first}")
     except AzureError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"storage error: {first}", file=sys.stderr)
-        return EXIT_STORAGE
+        where = getattr(storage, "where", "the storage account")
+        return _fail(args, stream, EXIT_STORAGE, "storage_error", f"storage error from {where}: {first}")
 
 
 if __name__ == "__main__":

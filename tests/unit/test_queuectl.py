@@ -6,6 +6,11 @@ import base64
 import io
 import itertools
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -216,7 +221,7 @@ def test_send_reports_unreadable_files_as_usage_errors(
 
 
 def test_connection_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("AzureWebJobsStorage", "DEVSTACK_STATE"):
+    for name in STORAGE_ENV:
         monkeypatch.delenv(name, raising=False)
     args = queuectl.build_parser().parse_args(["peek", "poison"])
     with pytest.raises(queuectl.UsageError, match="no storage account"):
@@ -231,3 +236,209 @@ def test_connection_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     argv = ["--connection-string", "UseDevelopmentStorage=true", "peek", "x"]
     args = queuectl.build_parser().parse_args(argv)
     assert "127.0.0.1:10001" in queuectl.open_storage(args).where
+
+
+# --------------------------------------------------------------------------- issue 11
+
+REPO = Path(__file__).resolve().parents[2]
+STORAGE_ENV = ("AzureWebJobsStorage", "AzureWebJobsStorage__queueServiceUri",
+               "AzureWebJobsStorage__accountName", "AZURE_STORAGE_CONNECTION_STRING", "DEVSTACK_STATE")
+
+
+def parse(*argv: str) -> Any:
+    return queuectl.build_parser().parse_args([*argv, "peek", "poison"])
+
+
+def test_send_dash_reads_the_jobs_from_stdin_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = FakeStorage()
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps({"jobs": [JOB, JOB | {"id": "crm-2"}]})))
+    code, out = run(storage, "send", "-", monkeypatch=monkeypatch)
+    assert code == 0, out
+    assert [json.loads(t)["id"] for t in storage.texts("dynamics-sync")] == ["crm-1", "crm-2"]
+
+
+def test_flags_beat_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {"AzureWebJobsStorage": "UseDevelopmentStorage=true",
+           "AzureWebJobsStorage__accountName": "fromenv", "AZURE_STORAGE_CONNECTION_STRING": "x=y"}
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"azurite": {"connection_string": "from-state"}}))
+    assert queuectl.resolve_storage(parse("--state", str(state)), env) == queuectl.Target(
+        connection_string="from-state", source="--state")
+    assert queuectl.resolve_storage(parse("--connection-string", "flag"), env).connection_string == "flag"
+    target = queuectl.resolve_storage(parse("--account-url", "https://flag.queue.core.windows.net/"), env)
+    assert (target.account_url, target.connection_string) == ("https://flag.queue.core.windows.net", None)
+    with pytest.raises(queuectl.UsageError, match="not both"):
+        queuectl.resolve_storage(parse("--connection-string", "a", "--account-url", "https://b"), env)
+    # --queue beats SYNC_QUEUE_NAME
+    storage = FakeStorage()
+    monkeypatch.setattr(queuectl, "open_storage", lambda args: storage)
+    monkeypatch.setenv("SYNC_QUEUE_NAME", "from-env")
+    storage.queue("from-flag-poison").add(queuectl.encode(json.dumps(JOB)))
+    out = io.StringIO()
+    assert queuectl.main(["--queue", "from-flag", "peek", "poison"], out=out) == 0
+    assert out.getvalue().startswith("from-flag-poison: about 1 message(s)")
+
+
+def test_the_deployed_apps_settings_resolve_in_order(tmp_path: Path) -> None:
+    args = parse()
+    account = {"AzureWebJobsStorage__accountName": "prodacct"}
+    assert queuectl.resolve_storage(args, account) == queuectl.Target(
+        account_url="https://prodacct.queue.core.windows.net", source="AzureWebJobsStorage__accountName")
+    uri = {"AzureWebJobsStorage__queueServiceUri": "https://other.queue.core.windows.net/"} | account
+    assert queuectl.resolve_storage(args, uri).account_url == "https://other.queue.core.windows.net"
+    with pytest.raises(queuectl.UsageError, match="queueServiceUri must be https://"):
+        queuectl.resolve_storage(args, {"AzureWebJobsStorage__queueServiceUri": "http://x"})
+    generic = {"AZURE_STORAGE_CONNECTION_STRING": "generic"}
+    assert queuectl.resolve_storage(args, generic).source == "AZURE_STORAGE_CONNECTION_STRING"
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"azurite": {"connection_string": "from-state"}}))
+    assert queuectl.resolve_storage(args, {"DEVSTACK_STATE": str(state)}).source == "DEVSTACK_STATE"
+    assert queuectl.resolve_storage(args, generic | {"DEVSTACK_STATE": str(state)}).source == \
+        "AZURE_STORAGE_CONNECTION_STRING"
+    everything = {"AzureWebJobsStorage": "UseDevelopmentStorage=true"} | uri | generic
+    assert queuectl.resolve_storage(args, everything).source == "AzureWebJobsStorage"
+    with pytest.raises(queuectl.UsageError, match="no storage account"):
+        queuectl.resolve_storage(args, {})
+
+
+def _connection(port: int) -> str:
+    key = base64.b64encode(b"k" * 32).decode()
+    return (f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={key};"
+            f"QueueEndpoint=http://127.0.0.1:{port}/devstoreaccount1")
+
+
+def _unreachable(port: int, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, float, str, str]:
+    out = io.StringIO()
+    started = time.monotonic()
+    code = queuectl.main(["--connection-string", _connection(port), "--timeout", "1", *extra,
+                          "peek", "poison"], out=out)
+    return code, time.monotonic() - started, capsys.readouterr().err, out.getvalue()
+
+
+def test_a_closed_port_fails_in_seconds_naming_the_endpoint(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again when the block ends: nothing listens there
+    code, elapsed, err, _ = _unreachable(port, capsys)
+    assert code == queuectl.EXIT_STORAGE
+    assert elapsed < 8
+    assert f"storage unreachable: no answer from http://127.0.0.1:{port}/devstoreaccount1" in err
+    assert "within 1 s" in err
+
+
+def test_a_silent_server_times_out_in_seconds_with_json(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as silent:  # accepts connections (backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        code, elapsed, _, out = _unreachable(silent.getsockname()[1], capsys, "--json")
+    assert code == queuectl.EXIT_STORAGE
+    assert elapsed < 10
+    error = json.loads(out)["error"]
+    assert error["code"] == "storage_unreachable" and "127.0.0.1" in error["message"]
+
+
+def test_runs_as_a_script_from_any_directory(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", *STORAGE_ENV)}
+    script = str(REPO / "tools" / "queuectl.py")
+    done = subprocess.run([sys.executable, script, "--help"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "usage: queuectl" in done.stdout and "exit status:" in done.stdout
+    for code in queuectl.EXIT_CODES:
+        assert f"  {code}  " in done.stdout
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")  # needs shared.jobs: proves the checkout's packages are importable
+    done = subprocess.run([sys.executable, script, "send", str(broken)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == queuectl.EXIT_USAGE and "not valid JSON" in done.stderr, done.stderr
+
+
+def test_pyproject_installs_a_queuectl_command() -> None:
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    assert project["project"]["scripts"]["queuectl"] == "tools.queuectl:main"
+    assert "tools" in project["tool"]["setuptools"]["packages"]
+
+
+def test_json_on_every_subcommand(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = FakeStorage()
+    dead = storage.queue("dynamics-sync-deadletter")
+    dead.add(queuectl.encode(dead_letter(JOB)))
+    dead.add(queuectl.encode(dead_letter("{not json", reason="invalid_json")))
+    code, out = run(storage, "replay", "deadletter", "--dry-run", "--json", monkeypatch=monkeypatch)
+    document = json.loads(out)
+    assert code == 1 and document["dryRun"] is True
+    assert [e["jobId"] for e in document["replayed"]] == ["crm-1"]
+    assert "not a JSON job" in document["left"][0]["problem"]
+    code, out = run(storage, "--json", "replay", "deadletter", monkeypatch=monkeypatch)
+    assert code == 1 and [e["jobId"] for e in json.loads(out)["replayed"]] == ["crm-1"]
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps(JOB | {"id": "crm-9"}))
+    code, out = run(storage, "send", str(job), "--json", monkeypatch=monkeypatch)
+    assert code == 0 and json.loads(out) == {"queue": "dynamics-sync", "sent": ["crm-9"], "problems": []}
+    job.write_text(json.dumps(JOB | {"operation": "merge"}))
+    code, out = run(storage, "send", str(job), "--json", monkeypatch=monkeypatch)
+    assert code == 1 and json.loads(out)["sent"] == [] and json.loads(out)["problems"]
+    code, out = run(storage, "send", str(tmp_path / "missing.json"), "--json", monkeypatch=monkeypatch)
+    assert code == 2 and json.loads(out)["error"]["code"] == "usage"
+
+
+def _fill(storage: FakeStorage, name: str, count: int) -> FakeQueue:
+    queue = storage.queue(name)
+    for index in range(count):
+        queue.add(queuectl.encode(json.dumps(JOB | {"id": f"j{index}"})))
+    return queue
+
+
+def test_peek_says_why_messages_are_not_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = FakeStorage()
+    queue = _fill(storage, "dynamics-sync", 40)
+    _, out = run(storage, "peek", "sync", "-n", "5", monkeypatch=monkeypatch)
+    assert "35 more not shown because of the -n 5 limit" in out
+    _, out = run(storage, "peek", "sync", "-n", "50", monkeypatch=monkeypatch)
+    assert "-n 50 was capped at 32" in out and "8 more not shown: the Queue service peeks at most 32" in out
+    for message in queue.messages[:38]:
+        message.visible = False  # received by the host, being retried
+    code, out = run(storage, "peek", "sync", "--json", monkeypatch=monkeypatch)
+    document = json.loads(out)
+    assert code == 0 and len(document["messages"]) == 2
+    assert any("38 message(s) invisible right now" in note for note in document["notes"])
+
+
+def test_peek_poison_says_where_the_reason_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = FakeStorage()
+    _fill(storage, "dynamics-sync-poison", 1)
+    _, out = run(storage, "peek", "poison", monkeypatch=monkeypatch)
+    assert "Application Insights: traces | where message has \"job=<jobId>\"" in out
+    _, out = run(storage, "peek", "poison", "--json", monkeypatch=monkeypatch)
+    assert json.loads(out)["messages"][0]["logQuery"] == 'traces | where message has "job=j0"'
+    _, out = run(storage, "peek", "deadletter", monkeypatch=monkeypatch)
+    assert "Application Insights" not in out
+
+
+def test_long_lines_are_cut_between_words(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert queuectl.shorten("alpha beta gamma", 12) == "alpha beta…"
+    assert queuectl.shorten("short", 12) == "short"
+    assert queuectl.shorten("x" * 30, 10) == "x" * 9 + "…"
+    storage = FakeStorage()
+    detail = "the user jane@contoso.com is disabled in Dataverse " * 5
+    storage.queue("dynamics-sync-deadletter").add(queuectl.encode(json.dumps(
+        {"job": JOB, "reason": "actor_disabled", "detail": detail, "failedAt": "2024-05-01T06:00:00Z"})))
+    _, out = run(storage, "peek", "deadletter", monkeypatch=monkeypatch)
+    [line] = [text for text in out.splitlines() if "actor_disabled" in text]
+    shown = line.split("actor_disabled: ")[1].split("…")[0]
+    assert detail.startswith(shown) and detail[len(shown)] == " "  # ends on a whole word
+    assert "[failed 2024-05-01T06:00:00Z]" in line
+
+
+def test_dry_run_says_when_it_could_not_see_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = FakeStorage()
+    _fill(storage, "dynamics-sync-poison", 40)
+    code, out = run(storage, "replay", "poison", "--dry-run", monkeypatch=monkeypatch)
+    assert code == 0 and "would replay 32 message(s)" in out
+    assert "about 40 message(s) but a dry run peeked only 32" in out
+    storage = FakeStorage()
+    _fill(storage, "dynamics-sync-poison", 3)
+    _, out = run(storage, "replay", "poison", "--dry-run", monkeypatch=monkeypatch)
+    assert "peeked only" not in out
