@@ -297,12 +297,38 @@ def loads(text: str) -> Any:
     A duplicate field would make the signed bytes and the parsed job disagree about, say, ``actAs``.
     Nesting is bounded too: json recurses per level, so a few thousand brackets (well inside the size
     limits) would raise RecursionError here, or later when the parsed value is dumped again.
+    A lone surrogate (``"\\ud800"``) is refused as well: json decodes it to a str that can never be
+    encoded as UTF-8, so it would fail later — re-serialising for the queue (a 500 at the webhook) or
+    sending to Dataverse (a poisoned message) — instead of being reported as the sender's bad JSON.
     """
     if _too_deep(text):
         raise ValueError(f"JSON nested more than {MAX_NESTING} levels deep")
-    return json.loads(
+    value = json.loads(
         text, parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys
     )
+    _refuse_surrogates(value)
+    return value
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _refuse_surrogates(value: object) -> None:
+    """Raise ValueError naming the first string (key or value) with a surrogate code point."""
+    pending: list[object] = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            found = _SURROGATE.search(item)
+            if found is not None:
+                raise ValueError(
+                    f"a string holds the lone surrogate \\u{ord(found.group()):04x}, not Unicode text"
+                )
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
 
 
 MAX_NESTING = 64
@@ -332,7 +358,8 @@ def dumps(job: object) -> str:
 
 
 def text_size(text: str) -> int:
-    return len(text.encode("utf-8"))
+    """UTF-8 bytes; a lone surrogate counts its 3 bytes instead of raising, so the JSON check names it."""
+    return len(text.encode("utf-8", errors="surrogatepass"))
 
 
 def _decode(body: str | bytes) -> str:
@@ -464,7 +491,8 @@ def _original(body: str | bytes) -> object:
     try:
         return loads(text.removeprefix("\ufeff"))
     except ValueError:
-        return text
+        # a str message may hold raw lone surrogates; escape them so the record itself is UTF-8 text
+        return text.encode("utf-8", errors="backslashreplace").decode("utf-8")
 
 
 def _default_runtime() -> Runtime:

@@ -521,3 +521,12 @@ def test_reconcile_users_with_a_bad_roster_raises_and_writes_nothing(runtime: Fa
     with pytest.raises(Exception, match="roster"):
         function_app.reconcile_users(TimerRequest(), "name\nx\n", None, snapshot, report)
     assert not snapshot.was_set and not report.was_set
+
+
+def test_webhook_lone_surrogate_is_400_invalid_json_not_500(runtime: FakeRuntime) -> None:
+    body = b'{"id":"evt-1","entity":"contacts","operation":"create","data":{"firstname":"\\ud800"}}'
+    out = Out()
+    response = function_app.webhook(webhook_request(body), out)
+    assert response.status_code == 400
+    assert body_of(response)["error"]["code"] == "invalid_json"
+    assert not out.was_set

@@ -492,3 +492,44 @@ def test_logs_carry_the_job_id_and_no_data_values(caplog: pytest.LogCaptureFixtu
     text = "\n".join(lines)
     assert "TopSecretValue" not in text and "ada@example.com" not in text
     assert "fields=firstname" in text and "key=alt(emailaddress1)" in text
+
+
+# --- text that cannot be UTF-8 ------------------------------------------------------------------------
+
+LONE_SURROGATES = [
+    '{"id": "a", "data": {"firstname": "\\ud800"}}',
+    '{"id": "a", "data": {"firstname": "x\\udfffy"}}',
+    '{"id": "a", "data": {"\\udc00": 1}}',
+    '{"id": "a", "actAs": {"email": "\\ud83d@contoso.com"}}',
+    '{"jobs": [["\\ud800"]]}',
+]
+
+
+@pytest.mark.parametrize("text", LONE_SURROGATES)
+def test_a_lone_surrogate_escape_is_invalid_json(text: str) -> None:
+    """json accepts "\\ud800", but the string can never be encoded as UTF-8 (queue, Dataverse): refuse it."""
+    with pytest.raises(ValueError, match="surrogate"):
+        jobs.loads(text)
+
+
+def test_a_surrogate_pair_escape_is_fine() -> None:
+    assert jobs.loads('{"x": "\\ud83d\\ude00"}') == {"x": "\U0001f600"}
+
+
+def test_a_lone_surrogate_on_the_queue_is_dead_lettered_not_poisoned() -> None:
+    runtime = FakeRuntime()
+    raw = json.dumps(job(operation="create", data={"firstname": "\ud800"})).encode()
+    assert b"\\ud800" in raw
+    outcome = process(raw, runtime)
+    assert outcome.dead_letter is not None
+    assert outcome.dead_letter["reason"] == "invalid_json"
+    assert "surrogate" in outcome.dead_letter["detail"]
+    assert runtime.dataverse.calls == []
+    jobs.dumps(outcome.dead_letter).encode("utf-8")  # the record itself is sendable
+
+
+def test_a_lone_surrogate_in_a_str_message_is_dead_lettered() -> None:
+    outcome = process('{"id": "crm-1", "entity": "contacts", "operation": "create", "data": {"a": "\ud800"}}',
+                      FakeRuntime())
+    assert outcome.dead_letter is not None and outcome.dead_letter["reason"] == "invalid_json"
+    jobs.dumps(outcome.dead_letter).encode("utf-8")

@@ -428,3 +428,19 @@ def test_a_failing_reread_is_still_a_401_not_a_500() -> None:
 
     result = handle_webhook("crm", _signed(body, "other"), body, KeySource(), now=NOW, refresh_key=refresh)
     assert result.status == 401
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"id":"evt-1","entity":"contacts","operation":"create","data":{"firstname":"\\ud800"}}',
+        b'{"jobs":[{"id":"evt-1","entity":"contacts","operation":"create","data":{"\\udfff":"x"}}]}',
+        b'{"id":"evt-1","entity":"contacts","operation":"create","data":{"a":1},"actAs":{"email":"\\ud800@x.com"}}',
+    ],
+)
+def test_a_lone_surrogate_escape_is_400_invalid_json_not_500(body: bytes) -> None:
+    result = send(body)
+    assert result.status == 400
+    error = error_of(result)
+    assert error["code"] == "invalid_json"
+    assert "surrogate" in error["message"]
