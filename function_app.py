@@ -25,7 +25,7 @@ from shared.diagnostics import run_diagnostics
 from shared.errors import ActorError, ConfigurationError, SyncError
 from shared.jobs import dumps, is_email_address, process_message
 from shared.reconciliation import ROSTER_PATH, SNAPSHOT_PATH, run_reconciliation
-from shared.webhooks import error_body, handle_webhook
+from shared.webhooks import declared_too_large, error_body, handle_webhook
 
 if TYPE_CHECKING:
     from shared.runtime import Runtime
@@ -133,6 +133,9 @@ def webhook(req: func.HttpRequest, jobs: func.Out[typing.List[str]]) -> func.Htt
     """Signed batch of jobs -> one queue message per job, all or nothing."""
 
     def handle() -> func.HttpResponse:
+        declared = declared_too_large(req.headers)
+        if declared is not None:  # answered before req.get_body(): a huge body is never read
+            return _json(declared.status, declared.body)
         source = req.route_params.get("source", "")
         result = handle_webhook(
             source, req.headers, req.get_body(), _webhook_key, refresh_key=_reread_webhook_key

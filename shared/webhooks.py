@@ -2,8 +2,9 @@
 
 The checks run in an order chosen for what an unauthenticated caller can learn and cost us:
 
-1. the ``{source}`` name, the body size (413) and the content type (415) — free, and a 1 MiB limit
-   before any HMAC means nobody makes us hash a huge body;
+1. the ``{source}`` name, the body size (413, from ``Content-Length`` before the body is read, then
+   from the body) and the content type (415) — free, and a 1 MiB limit before any HMAC means nobody
+   makes us hash a huge body;
 2. the signature (401) — before the body is parsed, so the job schema is never explained to a caller
    that cannot sign.  The timestamp window is checked first (no Key Vault read for a stale replay);
    a Key Vault failure is 503 with its code, a missing setting 500 naming it;
@@ -74,6 +75,21 @@ def header(headers: Mapping[str, str], name: str) -> str | None:
         if key.lower() == wanted:
             return candidate
     return None
+
+
+def declared_too_large(headers: Mapping[str, str]) -> WebhookResult | None:
+    """413 from the ``Content-Length`` header alone, so an oversized body need never be read.
+
+    A missing or unparsable header is not an error here: the read body's length is checked anyway.
+    """
+    value = (header(headers, "Content-Length") or "").strip()
+    if value.isascii() and value.isdigit() and int(value) > MAX_BODY_BYTES:
+        return _too_large()
+    return None
+
+
+def _too_large() -> WebhookResult:
+    return _fail(413, "payload_too_large", f"the body may be at most {MAX_BODY_BYTES} bytes")
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -240,8 +256,11 @@ def handle_webhook(
     """``POST /api/webhooks/{source}``: 202 with one queue message per job, or an error and nothing."""
     if _SOURCE.fullmatch(source or "") is None:
         return _fail(400, "invalid_source", "{source} in the URL must be 1-64 of A-Z a-z 0-9 . _ -")
+    declared = declared_too_large(headers)
+    if declared is not None:
+        return declared
     if len(body) > MAX_BODY_BYTES:
-        return _fail(413, "payload_too_large", f"the body may be at most {MAX_BODY_BYTES} bytes")
+        return _too_large()
     if not _is_json(header(headers, "Content-Type")):
         return _fail(415, "unsupported_media_type", "Content-Type must be application/json (UTF-8)")
 

@@ -530,3 +530,23 @@ def test_webhook_lone_surrogate_is_400_invalid_json_not_500(runtime: FakeRuntime
     assert response.status_code == 400
     assert body_of(response)["error"]["code"] == "invalid_json"
     assert not out.was_set
+
+
+class _UnreadableRequest(func.HttpRequest):
+    """A request whose body must not be read: the stand-in for a huge upload still streaming in."""
+
+    def get_body(self) -> bytes:
+        raise AssertionError("the body was read")
+
+
+def test_webhook_huge_content_length_is_413_without_reading_the_body(runtime: FakeRuntime) -> None:
+    req = _UnreadableRequest(
+        "POST", "/api/webhooks/crm", route_params={"source": "crm"}, body=b"",
+        headers={"Content-Type": "application/json", "Content-Length": str(50 * 1024 * 1024)},
+    )
+    out = Out()
+    response = function_app.webhook(req, out)
+    assert response.status_code == 413
+    assert body_of(response)["error"]["code"] == "payload_too_large"
+    assert not out.was_set
+    assert runtime.secrets.reads == []

@@ -19,6 +19,7 @@ from shared.webhooks import (
     MAX_BODY_BYTES,
     TOLERANCE_SECONDS,
     WebhookResult,
+    declared_too_large,
     handle_webhook,
     parse_signature,
     signature_header,
@@ -444,3 +445,19 @@ def test_a_lone_surrogate_escape_is_400_invalid_json_not_500(body: bytes) -> Non
     error = error_of(result)
     assert error["code"] == "invalid_json"
     assert "surrogate" in error["message"]
+
+
+@pytest.mark.parametrize("name", ["Content-Length", "content-length"])
+def test_a_declared_content_length_over_the_limit_is_413_before_anything_else(name: str) -> None:
+    keys = KeySource()
+    result = handle_webhook("crm", {name: str(MAX_BODY_BYTES + 1), "Content-Type": "text/plain"}, b"{}",
+                            keys, now=NOW)
+    assert result.status == 413
+    assert error_of(result)["code"] == "payload_too_large"
+    assert keys.calls == 0
+
+
+@pytest.mark.parametrize("value", [str(MAX_BODY_BYTES), "12", "", "abc", "-5", "١٢"])
+def test_a_content_length_within_the_limit_or_unparsable_is_left_to_the_body_check(value: str) -> None:
+    assert declared_too_large({"Content-Length": value}) is None
+    assert send(job(), headers={"Content-Length": value}).status == 202
