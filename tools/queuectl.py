@@ -4,8 +4,8 @@
     queuectl replay deadletter|poison [--max N] [--id JOBID] [--dry-run] [--json]
     queuectl send FILE.json [--json]         (one job, or {"jobs": [...]}; "-" reads stdin)
 
-``queuectl`` is installed by ``pip install .``; ``python -m tools.queuectl`` and
-``python tools/queuectl.py`` work too, from any directory.
+``queuectl`` is installed by ``pip install .``; ``python path/to/tools/queuectl.py`` works from any
+directory, and ``python -m tools.queuectl`` from the checkout's root.
 
 Storage (the first that is set wins; flags always beat the environment): ``--connection-string``
 (Azurite or a key-based account), ``--account-url https://<account>.queue.core.windows.net`` with
