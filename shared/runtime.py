@@ -1,4 +1,4 @@
-"""The per-instance objects, wired once: settings -> secrets -> tokens -> Dataverse -> users.
+"""The per-instance objects, wired once: settings -> secrets -> tokens -> Dataverse -> users -> attribution.
 
 Everything expensive to warm (the Key Vault secret, the token, the connection pool, the user
 cache) lives in these objects, so a warm Functions instance keeps them in one ``Runtime``,
@@ -11,6 +11,7 @@ import threading
 from dataclasses import dataclass
 
 from shared import logs
+from shared.attribution import AttributionGuard
 from shared.dataverse import DataverseClient
 from shared.secrets import SecretStore
 from shared.settings import Settings, get_settings, reset_settings
@@ -25,6 +26,7 @@ class Runtime:
     tokens: TokenProvider
     dataverse: DataverseClient
     users: UserDirectory
+    attribution: AttributionGuard
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
@@ -34,7 +36,8 @@ class Runtime:
         users = UserDirectory(
             dataverse, ttl=settings.user_cache_ttl, negative_ttl=settings.user_cache_negative_ttl
         )
-        return cls(settings, secrets, tokens, dataverse, users)
+        attribution = AttributionGuard(dataverse, ttl=settings.user_cache_ttl)
+        return cls(settings, secrets, tokens, dataverse, users, attribution)
 
     def close(self) -> None:
         self.dataverse.close()

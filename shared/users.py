@@ -22,7 +22,10 @@ from shared.dataverse import Caller, DataverseClient, odata_literal
 from shared.errors import ActorError, InvalidJob
 from shared.singleflight import SingleFlight
 
-SELECT = "systemuserid,internalemailaddress,fullname,azureactivedirectoryobjectid,isdisabled,accessmode"
+SELECT = (
+    "systemuserid,internalemailaddress,fullname,azureactivedirectoryobjectid,isdisabled,accessmode,"
+    "applicationid"
+)
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class SystemUser:
     azure_ad_object_id: str | None
     is_disabled: bool
     access_mode: int | None
+    application_id: str | None = None
+    """Set for application users (service principals): never a person to act for."""
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> SystemUser:
@@ -45,6 +50,7 @@ class SystemUser:
             azure_ad_object_id=str(oid).lower() if oid else None,
             is_disabled=bool(record.get("isdisabled")),
             access_mode=access_mode if isinstance(access_mode, int) else None,
+            application_id=str(record["applicationid"]).lower() if record.get("applicationid") else None,
         )
 
     def to_api(self) -> dict[str, Any]:

@@ -290,12 +290,31 @@ class FakeTokens:
 
 
 @dataclass
+class FakeAttribution:
+    """Records which actors were verified before a write; ``fail`` is raised by the next verify."""
+
+    verified: list[str] = field(default_factory=list)
+    forgotten: list[str | None] = field(default_factory=list)
+    fail: SyncError | None = None
+
+    def verify(self, actor: SystemUser, *, correlation_id: str | None = None) -> None:
+        if self.fail is not None:
+            error, self.fail = self.fail, None
+            raise error
+        self.verified.append(actor.systemuserid)
+
+    def forget(self, systemuserid: str | None = None) -> None:
+        self.forgotten.append(systemuserid)
+
+
+@dataclass
 class FakeRuntime:
     settings: Settings = field(default_factory=settings)
     secrets: Any = field(default_factory=FakeSecrets)
     tokens: Any = field(default_factory=FakeTokens)
     dataverse: Any = field(default_factory=FakeDataverse)
     users: Any = field(default_factory=FakeUsers)
+    attribution: Any = field(default_factory=FakeAttribution)
     closed: bool = False
 
     def close(self) -> None:
