@@ -8,9 +8,12 @@ Delivery is at-least-once, so every write must be safe to replay:
 * update / upsert are PATCHes, delete answers 404 when already gone (the core reports a no-op);
 * create WITH a key is ``PATCH`` + ``If-None-Match: *`` and answers 412 when the record exists (a no-op);
 * create WITHOUT a key would be a ``POST`` and create a second record on a replay.  So a keyless create
-  is given a deterministic primary id, ``uuid5(JOB_NAMESPACE, f"{entity}:{job.id}")``, and written as a
-  create-with-key.  This is a deliberate choice: the job ``id`` becomes the idempotency key of keyless
-  creates, so two different jobs must not share an id.  The core's keyless ``POST`` stays available to
+  is given a deterministic primary id, ``uuid5(JOB_NAMESPACE, f"{source}:{entity}:{job.id}")``, and
+  written as a create-with-key.  This is a deliberate choice: the job ``id`` becomes the idempotency key
+  of keyless creates, so two jobs of one source must not share an id.  ``source`` is the webhook route's
+  ``{source}``, stamped on each message by the webhook, so two senders cannot collide (or overwrite each
+  other's records by guessing ids); a message without it (queued before the field existed) keeps the old
+  ``f"{entity}:{job.id}"`` and replays identically.  The core's keyless ``POST`` stays available to
   other callers.
 
 Outcomes (``process_message``): success; a permanent failure that is the job's own fault (invalid job,
@@ -57,13 +60,15 @@ MAX_JOB_BYTES = 48 * 1024
 """A queue message is at most 64 KiB after base64, i.e. 48 KiB of JSON text (UTF-8 bytes)."""
 
 OPERATIONS = ("create", "update", "upsert", "delete")
-FIELDS = ("id", "entity", "operation", "key", "data", "actAs")
+FIELDS = ("id", "entity", "operation", "key", "data", "actAs", "source")
 ACT_AS_FIELDS = ("email", "systemUserId", "azureAdObjectId")
 
 JOB_NAMESPACE = uuid.UUID("5b0c7c8e-2f4a-5d8e-9a57-3c1d0e6f9b21")
 """Fixed forever: changing it would make replays of old keyless creates create duplicates."""
 
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+SOURCE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+"""The webhook route's ``{source}``; the webhook stamps it on every message as ``source``."""
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 # Alternate keys may include lookup columns, which Dataverse names _<column>_value.
 _KEY_PROPERTY = re.compile(r"_?[a-z][a-z0-9_]*")
@@ -95,17 +100,23 @@ class Job:
     data: dict[str, Any] | None
     act_as: dict[str, str] | None
     raw: dict[str, Any]
+    source: str | None = None
 
     def write_key(self) -> str | dict[str, Any]:
         """The key the write uses: the job's own, or the deterministic id of a keyless create."""
         if self.key is not None:
             return self.key
-        return str(deterministic_id(self.entity, self.id))
+        return str(deterministic_id(self.entity, self.id, self.source))
 
 
-def deterministic_id(entity: str, job_id: str) -> uuid.UUID:
-    """The primary id a keyless create gets, the same on every delivery of the same job."""
-    return uuid.uuid5(JOB_NAMESPACE, f"{entity}:{job_id}")
+def deterministic_id(entity: str, job_id: str, source: str | None = None) -> uuid.UUID:
+    """The primary id a keyless create gets, the same on every delivery of the same job.
+
+    With a ``source`` (stamped by the webhook) two senders reusing a job id get different records;
+    without one the old name is kept, so messages queued before the field existed replay identically.
+    """
+    name = f"{entity}:{job_id}" if source is None else f"{source}:{entity}:{job_id}"
+    return uuid.uuid5(JOB_NAMESPACE, name)
 
 
 def _json_type(value: object) -> str:
@@ -171,11 +182,16 @@ def parse_job(obj: object, *, where: str = "") -> Job:
     key = _check_key(obj, operation, errors)
     data = _check_data(obj, operation, errors)
     act_as = _check_act_as(obj, errors)
+    source = obj.get("source")
+    if "source" in obj and (not isinstance(source, str) or SOURCE.fullmatch(source) is None):
+        errors.add("must be 1-64 characters of A-Z a-z 0-9 . _ -", "source")
 
     if errors.items:
         raise _invalid(errors)
     assert isinstance(job_id, str) and isinstance(entity, str) and isinstance(operation, str)
-    return Job(id=job_id, entity=entity, operation=operation, key=key, data=data, act_as=act_as, raw=obj)
+    assert source is None or isinstance(source, str)
+    return Job(id=job_id, entity=entity, operation=operation, key=key, data=data, act_as=act_as, raw=obj,
+               source=source)
 
 
 def _check_key(obj: Mapping[str, Any], operation: object, errors: _Errors) -> str | dict[str, Any] | None:

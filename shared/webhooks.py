@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared.errors import ConfigurationError, InvalidJob, SyncError
-from shared.jobs import MAX_JOB_BYTES, dumps, loads, parse_job, problems_message, text_size
+from shared.jobs import MAX_JOB_BYTES, SOURCE, dumps, loads, parse_job, problems_message, text_size
 
 log = logging.getLogger("shared.webhooks")
 
@@ -36,7 +36,6 @@ MAX_JOBS = 100
 TOLERANCE_SECONDS = 300
 SIGNATURE_HEADER = "X-Signature"
 _MAX_SIGNATURES = 8
-_SOURCE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _TIMESTAMP = re.compile(r"[0-9]{1,12}")
 _HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
 
@@ -214,7 +213,8 @@ def _jobs_of(payload: object) -> tuple[list[object], bool] | WebhookResult:
     return [payload], False
 
 
-def _validate(jobs: list[object], batched: bool) -> tuple[list[str], list[str]] | WebhookResult:
+def _validate(jobs: list[object], batched: bool, source: str) -> tuple[list[str], list[str]] | WebhookResult:
+    """Every job checked, then stamped with the route's ``source`` (the scope of its idempotency key)."""
     details: list[dict[str, Any]] = []
     ids: list[str] = []
     first_index: dict[str, int] = {}
@@ -225,6 +225,10 @@ def _validate(jobs: list[object], batched: bool) -> tuple[list[str], list[str]] 
         except InvalidJob as exc:
             details.extend(exc.details)
             continue
+        if job.source is not None and job.source != source:
+            # a sender must not pick another source's scope and so reach its keyless-create ids
+            details.append({"field": f"{where}.source" if where else "source",
+                            "message": "must be absent or equal to {source} in the URL"})
         if job.id in first_index:
             details.append({"field": f"{where}.id",
                             "message": f"duplicates jobs[{first_index[job.id]}].id; ids must be unique"})
@@ -233,7 +237,7 @@ def _validate(jobs: list[object], batched: bool) -> tuple[list[str], list[str]] 
     if details:
         return _fail(400, "invalid_job", problems_message(details), details)
 
-    messages = [dumps(obj) for obj in jobs]
+    messages = [dumps({**obj, "source": source}) for obj in jobs if isinstance(obj, dict)]
     too_large = [
         {"field": f"jobs[{i}]" if batched else "job", "message": f"{text_size(m)} bytes > {MAX_JOB_BYTES}"}
         for i, m in enumerate(messages)
@@ -254,7 +258,7 @@ def handle_webhook(
     refresh_key: Callable[[str], str | None] | None = None,
 ) -> WebhookResult:
     """``POST /api/webhooks/{source}``: 202 with one queue message per job, or an error and nothing."""
-    if _SOURCE.fullmatch(source or "") is None:
+    if SOURCE.fullmatch(source or "") is None:
         return _fail(400, "invalid_source", "{source} in the URL must be 1-64 of A-Z a-z 0-9 . _ -")
     declared = declared_too_large(headers)
     if declared is not None:
@@ -282,7 +286,7 @@ def handle_webhook(
     if isinstance(shaped, WebhookResult):
         return shaped
     jobs, batched = shaped
-    checked = _validate(jobs, batched)
+    checked = _validate(jobs, batched, source)
     if isinstance(checked, WebhookResult):
         log.warning("source=%s webhook refused status=%d code=%s", source, checked.status,
                     checked.body["error"]["code"])

@@ -83,7 +83,8 @@ def test_permanent_failures_are_dead_lettered_with_their_reasons(
     assert records["dl-unknown"]["reason"] == "actor_not_found"
     assert records["dl-disabled"]["reason"] == "actor_disabled"
     assert all(r["detail"] and r["failedAt"] for r in records.values())
-    assert records["dl-unknown"]["job"] == contact_job("dl-unknown", "a@example.com", "nobody@contoso.com")
+    assert records["dl-unknown"]["job"] == {
+        **contact_job("dl-unknown", "a@example.com", "nobody@contoso.com"), "source": "crm"}
     assert sandbox.records("contacts") == []
     assert queue_texts(azurite_connection, f"{queue_name}-poison") == []
 
@@ -97,7 +98,8 @@ def test_a_persistent_503_ends_in_poison_after_five_dequeues(
     post_jobs(host, [job])
     host.wait_for(rf"Moved message \S+ to queue '{queue_name}-poison'", timeout=60)
     assert host.count(r"Executed 'Functions.sync_job' \(Failed") == 5
-    assert [json.loads(t) for t in queue_texts(azurite_connection, f"{queue_name}-poison")] == [job]
+    poisoned = [json.loads(t) for t in queue_texts(azurite_connection, f"{queue_name}-poison")]
+    assert poisoned == [{**job, "source": "crm"}]  # as enqueued: stamped with the route's source
     assert queue_texts(azurite_connection, f"{queue_name}-deadletter") == []
 
 

@@ -58,7 +58,7 @@ def test_webhook_checks_the_signature_with_the_key_from_key_vault(sandbox_env: S
     out = Out()
     response = function_app.webhook(signed_request(key, {"jobs": jobs}), out)
     assert response.status_code == 202 and body_of(response)["accepted"] == 3
-    assert [json.loads(m) for m in out.value] == jobs
+    assert [json.loads(m) for m in out.value] == [{**j, "source": "crm"} for j in jobs]  # stamped
     refused = Out()
     assert function_app.webhook(signed_request("not-the-key", {"jobs": jobs}), refused).status_code == 401
     assert not refused.was_set

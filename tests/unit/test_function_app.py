@@ -248,7 +248,7 @@ def test_webhook_202_enqueues_one_message_per_job(runtime: FakeRuntime) -> None:
     response = function_app.webhook(webhook_request({"jobs": jobs}), out)
     assert response.status_code == 202
     assert body_of(response) == {"accepted": 3, "ids": ["evt-0", "evt-1", "evt-2"]}
-    assert [json.loads(m) for m in out.value] == jobs
+    assert [json.loads(m) for m in out.value] == [{**j, "source": "crm"} for j in jobs]
     assert runtime.secrets.reads == ["webhook-signing-secret"]
 
 

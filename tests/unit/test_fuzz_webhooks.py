@@ -158,7 +158,7 @@ def requests_(draw: st.DrawFn, now: int = NOW) -> tuple[str, dict[str, str], byt
 # --- the answer's contract -------------------------------------------------------------------------
 
 
-def assert_documented(result: WebhookResult, key: KeySource, body: bytes) -> None:
+def assert_documented(result: WebhookResult, key: KeySource, body: bytes, source: str = "crm") -> None:
     """Documented status and body; all or nothing; the key read only after the cheap checks pass."""
     assert result.status in DOCUMENTED | ({500} if key.mode == "setting" else set())
     assert KEY not in json.dumps(result.body)
@@ -168,8 +168,9 @@ def assert_documented(result: WebhookResult, key: KeySource, body: bytes) -> Non
         received = payload["jobs"] if isinstance(payload, dict) and "jobs" in payload else [payload]
         assert result.body["accepted"] == len(received) == len(result.messages)
         assert result.body["ids"] == [job["id"] for job in received]
-        assert [json.loads(m) for m in result.messages] == received  # each job exactly as received
-        assert result.messages == [jobs.dumps(job) for job in received]
+        stamped = [{**job, "source": source} for job in received]  # each job as received + its source
+        assert [json.loads(m) for m in result.messages] == stamped
+        assert result.messages == [jobs.dumps(job) for job in stamped]
         assert all(jobs.text_size(m) <= MAX_JOB_BYTES for m in result.messages)
         assert key.calls == 1 and key.mode == "ok"
         return
@@ -211,7 +212,7 @@ def test_any_request_gets_a_documented_answer_and_enqueues_all_or_nothing(
     source, headers, body, kind = request
     key = KeySource(mode)
     result = handle_webhook(source, headers, body, key, now=NOW, refresh_key=_refresher(refresh))
-    assert_documented(result, key, body)
+    assert_documented(result, key, body, source)
     if result.status in (202, 400) and result.body.get("error", {}).get("code") != "invalid_source":
         assert kind in ("valid", "rotated")  # past the signature only with a signature over this body
 
@@ -228,7 +229,8 @@ def test_a_signed_batch_is_all_or_nothing(batch: tuple[list[Any], int | None], s
     key = KeySource("ok")
     result = handle_webhook("crm", headers, body, key, now=NOW)
     assert_documented(result, key, body)
-    too_large = any(jobs.text_size(jobs.dumps(j)) > MAX_JOB_BYTES for j in jobs_sent)
+    enqueued = [{**j, "source": "crm"} if isinstance(j, dict) else j for j in jobs_sent]
+    too_large = any(jobs.text_size(jobs.dumps(j)) > MAX_JOB_BYTES for j in enqueued)
     if bad_at is None:
         assert result.status == (413 if too_large else 202)
         return
@@ -271,7 +273,8 @@ def test_the_function_sets_the_queue_output_once_or_never(data: st.DataObject, m
     key = KeySource(mode, calls=min(len(runtime.secrets.reads), 1))
     answer = json.loads(response.get_body())
     assert response.mimetype == "application/json"
-    assert_documented(WebhookResult(response.status_code, answer, out.sets[0] if out.sets else []), key, body)
+    assert_documented(WebhookResult(response.status_code, answer, out.sets[0] if out.sets else []), key, body,
+                      source)
     if response.status_code == 202:
         (messages,) = out.sets  # exactly one set(): the whole batch at once
         assert isinstance(messages, list) and len(messages) == answer["accepted"]

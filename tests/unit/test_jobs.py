@@ -533,3 +533,47 @@ def test_a_lone_surrogate_in_a_str_message_is_dead_lettered() -> None:
                       FakeRuntime())
     assert outcome.dead_letter is not None and outcome.dead_letter["reason"] == "invalid_json"
     jobs.dumps(outcome.dead_letter).encode("utf-8")
+
+
+# --- source: the scope of a keyless create's idempotency key ------------------------------------------
+
+
+def _keyless(**overrides: Any) -> dict[str, Any]:
+    raw = job(operation="create", **overrides)
+    raw.pop("key", None)
+    return raw
+
+
+def test_keyless_create_id_is_scoped_by_source() -> None:
+    crm = parse_job(_keyless(source="crm")).write_key()
+    erp = parse_job(_keyless(source="erp")).write_key()
+    assert crm != erp
+    assert parse_job(_keyless(source="crm")).write_key() == crm
+    raw = _keyless(source="crm")
+    assert crm == str(uuid.uuid5(jobs.JOB_NAMESPACE, f"crm:{raw['entity']}:{raw['id']}"))
+
+
+def test_a_message_without_source_keeps_the_old_id_so_queued_jobs_replay_identically() -> None:
+    raw = _keyless()
+    assert "source" not in raw
+    parsed = parse_job(raw)
+    assert parsed.source is None
+    assert parsed.write_key() == str(uuid.uuid5(jobs.JOB_NAMESPACE, f"{raw['entity']}:{raw['id']}"))
+    assert parsed.write_key() == str(deterministic_id(raw["entity"], raw["id"]))
+
+
+@pytest.mark.parametrize("value", ["", "a/b", "x" * 65, 5, None, "crm "])
+def test_an_invalid_source_is_an_invalid_job(value: object) -> None:
+    with pytest.raises(InvalidJob) as caught:
+        parse_job(job(source=value))
+    assert fields_of(caught.value) == ["source"]
+
+
+def test_two_sources_same_job_id_write_two_records() -> None:
+    runtime = FakeRuntime()
+    for source in ("crm", "erp", "crm"):
+        outcome = process(json.dumps(_keyless(source=source)), runtime)
+        assert outcome.dead_letter is None
+    keys = [str(call.key) for call in runtime.dataverse.calls]
+    assert len(keys) == 3
+    assert keys[0] == keys[2] != keys[1]  # crm twice: one record; erp: its own

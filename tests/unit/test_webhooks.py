@@ -95,7 +95,7 @@ def test_single_job_is_accepted_as_one_message() -> None:
     result = send(job())
     assert result.status == 202
     assert result.body == {"accepted": 1, "ids": ["evt-0"]}
-    assert [json.loads(m) for m in result.messages] == [job()]
+    assert [json.loads(m) for m in result.messages] == [{**job(), "source": "crm"}]
 
 
 def test_batch_is_accepted_in_order_with_each_job_exactly_as_received() -> None:
@@ -104,7 +104,7 @@ def test_batch_is_accepted_in_order_with_each_job_exactly_as_received() -> None:
     result = send({"jobs": jobs})
     assert result.status == 202
     assert result.body["accepted"] == 100 and result.body["ids"] == [f"evt-{i}" for i in range(100)]
-    assert [json.loads(m) for m in result.messages] == jobs
+    assert [json.loads(m) for m in result.messages] == [{**j, "source": "crm"} for j in jobs]
     assert "naïve ☃" in result.messages[5]
 
 
@@ -249,7 +249,7 @@ def test_job_over_48_kib_is_413_and_names_it() -> None:
 
 def test_job_size_is_measured_on_the_enqueued_text() -> None:
     # pretty-printed input is bigger than the compact text we enqueue: this one fits
-    base = job(data={"description": ""})
+    base = job(data={"description": ""}, source="crm")
     compact = len(json.dumps(base, separators=(",", ":")).encode())
     fits = job(data={"description": "x" * (MAX_JOB_BYTES - compact)})
     body = json.dumps(fits, indent=8).encode()
@@ -461,3 +461,34 @@ def test_a_declared_content_length_over_the_limit_is_413_before_anything_else(na
 def test_a_content_length_within_the_limit_or_unparsable_is_left_to_the_body_check(value: str) -> None:
     assert declared_too_large({"Content-Length": value}) is None
     assert send(job(), headers={"Content-Length": value}).status == 202
+
+
+# --- the source scopes the idempotency key -----------------------------------------------------------
+
+
+def test_every_message_is_stamped_with_the_routes_source() -> None:
+    result = send({"jobs": [job(0), job(1)]}, source="erp.eu-1")
+    assert result.status == 202
+    assert [json.loads(m)["source"] for m in result.messages] == ["erp.eu-1", "erp.eu-1"]
+
+
+def test_a_job_naming_its_own_source_must_name_the_route_source() -> None:
+    assert send(job(source="crm"), source="crm").status == 202
+    result = send({"jobs": [job(0), job(1, source="erp")]}, source="crm")
+    assert result.status == 400
+    error = error_of(result)
+    assert error["code"] == "invalid_job"
+    assert [d["field"] for d in error["details"]] == ["jobs[1].source"]
+
+
+def test_keyless_creates_from_two_sources_with_the_same_job_id_get_two_records() -> None:
+    from shared.jobs import parse_message
+
+    create = job(0, operation="create")
+    del create["key"]
+    ids = {}
+    for source in ("crm", "erp", "crm"):
+        (message,) = send(create, source=source).messages
+        ids.setdefault(source, set()).add(parse_message(message).write_key())
+    assert len(ids["crm"]) == 1  # the same source twice: the same record id (a replay is a no-op)
+    assert ids["crm"] != ids["erp"]
