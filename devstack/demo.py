@@ -615,7 +615,8 @@ class Demo:
         from shared.webhooks import signature_header
 
         body = json.dumps({"jobs": list(jobs)}, ensure_ascii=False).encode("utf-8")
-        signature = signature_header(self.webhook_key.encode("utf-8"), body, int(time.time()))
+        signature = signature_header(self.webhook_key.encode("utf-8"), body, int(time.time()),
+                                     source=SOURCE)
         response = self.session.post(
             f"{self.host_url}/api/webhooks/{SOURCE}", data=body, timeout=60,
             headers={"Content-Type": "application/json", "X-Signature": signature,
@@ -891,7 +892,7 @@ class Demo:
             f"  curl -s -X POST -H 'x-functions-key: {mkey}' -H 'Content-Type: application/json' -d "
             f"'{{\"input\":\"\"}}' {url}/admin/functions/reconcile_users",
             f"  body={shlex.quote(body)}",
-            "  t=$(date +%s); sig=$(printf '%s.%s' \"$t\" \"$body\" | openssl dgst -sha256 -hmac "
+            "  t=$(date +%s); sig=$(printf '%s.manual.%s' \"$t\" \"$body\" | openssl dgst -sha256 -hmac "
             f"{shlex.quote(key)} | sed 's/^.* //')",
             f"  curl -s -H 'x-functions-key: {fkey}' -H 'Content-Type: application/json' "
             f"-H \"X-Signature: t=$t,v1=$sig\" --data-binary \"$body\" {url}/api/webhooks/manual",

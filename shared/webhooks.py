@@ -55,13 +55,22 @@ def _fail(status: int, code: str, message: str, details: list[dict[str, Any]] | 
     return WebhookResult(status, error_body(code, message, details))
 
 
-def compute_signature(key: bytes, body: bytes, timestamp: int) -> str:
-    return hmac.new(key, str(timestamp).encode("ascii") + b"." + body, hashlib.sha256).hexdigest()
+def compute_signature(key: bytes, body: bytes, timestamp: int, *, source: str) -> str:
+    """HMAC-SHA256 of ``<t>.<source>.<body>``.
+
+    The route's ``{source}`` is signed so a body signed for one source cannot be replayed at another
+    (the source scopes keyless-create ids).  The split is unambiguous for what is accepted: ``t`` is
+    digits, ``source`` has no ``{``, and an accepted body is a JSON object, whose text can neither
+    start with ``<source chars>.`` nor be preceded by them.
+    """
+    signed = str(timestamp).encode("ascii") + b"." + source.encode("utf-8") + b"." + body
+    return hmac.new(key, signed, hashlib.sha256).hexdigest()
 
 
-def signature_header(key: bytes, body: bytes, timestamp: int) -> str:
-    """The ``X-Signature`` value a sender puts on ``body``: ``t=<unix seconds>,v1=<hex HMAC-SHA256>``."""
-    return f"t={timestamp},v1={compute_signature(key, body, timestamp)}"
+def signature_header(key: bytes, body: bytes, timestamp: int, *, source: str) -> str:
+    """The ``X-Signature`` value a sender puts on ``body`` posted to ``/api/webhooks/{source}``:
+    ``t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<source>.<body>">``."""
+    return f"t={timestamp},v1={compute_signature(key, body, timestamp, source=source)}"
 
 
 def header(headers: Mapping[str, str], name: str) -> str | None:
@@ -133,8 +142,10 @@ def check_signature(
     signing_key: Callable[[], str],
     now: float,
     refresh_key: Callable[[str], str | None] | None = None,
+    *,
+    source: str,
 ) -> WebhookResult | None:
-    """None when the body is signed with the current key within the time window, else the failure.
+    """None when ``source`` + body are signed with the current key within the time window, else the failure.
 
     On a mismatch ``refresh_key(stale)`` may hand back a newer key (the key was rotated in Key Vault
     since this instance read it); it returns None when it will not re-read, which it must rate-limit
@@ -172,16 +183,16 @@ def check_signature(
     if not key:
         log.error("webhook signing key is empty")
         return _fail(503, "signing_key_unavailable", "the webhook signing key is empty")
-    if _matches(key, body, timestamp, signatures):
+    if _matches(key, body, timestamp, signatures, source):
         return None
     newer = _refreshed(refresh_key, key)
-    if newer and newer != key and _matches(newer, body, timestamp, signatures):
+    if newer and newer != key and _matches(newer, body, timestamp, signatures, source):
         return None
-    return _fail(401, "signature_invalid", "the signature does not match the body")
+    return _fail(401, "signature_invalid", "the signature does not match t.source.body")
 
 
-def _matches(key: str, body: bytes, timestamp: int, signatures: list[str]) -> bool:
-    expected = compute_signature(key.encode("utf-8"), body, timestamp).encode("ascii")
+def _matches(key: str, body: bytes, timestamp: int, signatures: list[str], source: str) -> bool:
+    expected = compute_signature(key.encode("utf-8"), body, timestamp, source=source).encode("ascii")
     matched = False
     for candidate in signatures:
         matched |= hmac.compare_digest(expected, candidate.encode("ascii"))
@@ -269,7 +280,7 @@ def handle_webhook(
         return _fail(415, "unsupported_media_type", "Content-Type must be application/json (UTF-8)")
 
     failure = check_signature(
-        headers, body, signing_key, time.time() if now is None else now, refresh_key
+        headers, body, signing_key, time.time() if now is None else now, refresh_key, source=source
     )
     if failure is not None:
         log.warning("source=%s webhook refused status=%d code=%s", source, failure.status,

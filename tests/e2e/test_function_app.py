@@ -43,7 +43,7 @@ def post_jobs(host: HostProcess, jobs: list[dict[str, Any]]) -> None:
 
     body = json.dumps({"jobs": jobs}).encode()
     headers = {"Content-Type": "application/json",
-               "X-Signature": signature_header(WEBHOOK_KEY.encode(), body, int(time.time()))}
+               "X-Signature": signature_header(WEBHOOK_KEY.encode(), body, int(time.time()), source="crm")}
     response = host.call("POST", "/api/webhooks/crm", data=body, headers=headers)
     assert response.status_code == 202, response.text
     assert response.json()["accepted"] == len(jobs)

@@ -34,7 +34,7 @@ def signed_request(key: str, payload: object) -> func.HttpRequest:
     body = json.dumps(payload).encode()
     headers = {
         "Content-Type": "application/json",
-        "X-Signature": signature_header(key.encode(), body, int(time.time())),
+        "X-Signature": signature_header(key.encode(), body, int(time.time()), source="crm"),
     }
     return func.HttpRequest(
         "POST", "/api/webhooks/crm", headers=headers, route_params={"source": "crm"}, body=body

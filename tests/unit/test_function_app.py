@@ -220,7 +220,7 @@ def webhook_request(
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     headers = {"Content-Type": content_type}
     if signed:
-        headers["X-Signature"] = signature_header(key.encode(), body, int(time.time()))
+        headers["X-Signature"] = signature_header(key.encode(), body, int(time.time()), source="crm")
     return func.HttpRequest(
         "POST", "/api/webhooks/crm", headers=headers, route_params={"source": "crm"}, body=body
     )
@@ -550,3 +550,18 @@ def test_webhook_huge_content_length_is_413_without_reading_the_body(runtime: Fa
     assert body_of(response)["error"]["code"] == "payload_too_large"
     assert not out.was_set
     assert runtime.secrets.reads == []
+
+
+def test_webhook_refuses_a_body_signed_for_another_source(runtime: FakeRuntime) -> None:
+    import time
+
+    body = json.dumps(job()).encode()
+    headers = {"Content-Type": "application/json",
+               "X-Signature": signature_header(KEY.encode(), body, int(time.time()), source="crm")}
+    request = func.HttpRequest("POST", "/api/webhooks/erp", headers=headers, route_params={"source": "erp"},
+                               body=body)
+    out = Out()
+    response = function_app.webhook(request, out)
+    assert response.status_code == 401
+    assert body_of(response)["error"]["code"] == "signature_invalid"
+    assert not out.was_set

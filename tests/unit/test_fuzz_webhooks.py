@@ -95,7 +95,8 @@ content_types = st.sampled_from([
 header_names = st.sampled_from(["Content-Type", "content-type", "CONTENT-TYPE"])
 signature_names = st.sampled_from(["X-Signature", "x-signature", "X-SIGNATURE"])
 signature_kinds = st.sampled_from(
-    ["valid", "rotated", "none", "empty", "malformed", "stale", "future", "wrong-key", "other-body", "random"]
+    ["valid", "rotated", "none", "empty", "malformed", "stale", "future", "wrong-key", "other-body",
+     "other-source", "random"]
 )
 sources = st.sampled_from(["crm", "erp.v2", "a" * 64]) | st.text(max_size=70)
 
@@ -121,8 +122,10 @@ class KeySource:
 key_modes = st.sampled_from(["ok", "ok", "ok", "transient", "forbidden", "setting", "empty"])
 
 
-def signature(kind: str, body: bytes, now: int, draw_text: str) -> str | None:
-    sign = signature_header
+def signature(kind: str, body: bytes, now: int, draw_text: str, source: str = "crm") -> str | None:
+    def sign(key: bytes, signed_body: bytes, t: int, signed_source: str = source) -> str:
+        return signature_header(key, signed_body, t, source=signed_source)
+
     return {
         "valid": sign(KEY.encode(), body, now),
         "rotated": f"t={now},v1={'0' * 64},v1={sign(KEY.encode(), body, now).split('v1=')[1]}",
@@ -133,6 +136,7 @@ def signature(kind: str, body: bytes, now: int, draw_text: str) -> str | None:
         "future": sign(KEY.encode(), body, now + TOLERANCE_SECONDS + 5),
         "wrong-key": sign(b"not-the-key", body, now),
         "other-body": sign(KEY.encode(), body + b" ", now),
+        "other-source": sign(KEY.encode(), body, now, source + "x"),
         "random": draw_text,
     }[kind]
 
@@ -140,18 +144,18 @@ def signature(kind: str, body: bytes, now: int, draw_text: str) -> str | None:
 @st.composite
 def requests_(draw: st.DrawFn, now: int = NOW) -> tuple[str, dict[str, str], bytes, str]:
     """(source, headers, body, signature kind) as a sender might send them."""
+    source = draw(st.sampled_from(["crm"]) | sources)
     body = draw(bodies)
     headers: dict[str, str] = {}
     content_type = draw(content_types)
     if content_type is not None:
         headers[draw(header_names)] = content_type
     kind = draw(signature_kinds)
-    value = signature(kind, body, now, draw(st.text(max_size=80)))
+    value = signature(kind, body, now, draw(st.text(max_size=80)), source)
     if value is not None:
         headers[draw(signature_names)] = value
     if draw(st.booleans()):
         headers[draw(st.from_regex(r"X-[A-Za-z]{1,10}", fullmatch=True))] = draw(st.text(max_size=20))
-    source = draw(st.sampled_from(["crm"]) | sources)
     return source, headers, body, kind
 
 
@@ -214,7 +218,7 @@ def test_any_request_gets_a_documented_answer_and_enqueues_all_or_nothing(
     result = handle_webhook(source, headers, body, key, now=NOW, refresh_key=_refresher(refresh))
     assert_documented(result, key, body, source)
     if result.status in (202, 400) and result.body.get("error", {}).get("code") != "invalid_source":
-        assert kind in ("valid", "rotated")  # past the signature only with a signature over this body
+        assert kind in ("valid", "rotated")  # past the signature only when signed for this source + body
 
 
 @settings(FUZZ, max_examples=150)
@@ -225,7 +229,8 @@ def test_a_signed_batch_is_all_or_nothing(batch: tuple[list[Any], int | None], s
         jobs_sent, bad_at = jobs_sent[:1], (0 if bad_at == 0 else None)
     payload: Any = jobs_sent[0] if single else {"jobs": jobs_sent}
     body = json.dumps(payload).encode()
-    headers = {"Content-Type": "application/json", "X-Signature": signature_header(KEY.encode(), body, NOW)}
+    signature = signature_header(KEY.encode(), body, NOW, source="crm")
+    headers = {"Content-Type": "application/json", "X-Signature": signature}
     key = KeySource("ok")
     result = handle_webhook("crm", headers, body, key, now=NOW)
     assert_documented(result, key, body)

@@ -66,7 +66,8 @@ def send(
     source: str = "crm",
 ) -> WebhookResult:
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    sent = {"Content-Type": "application/json", "X-Signature": signature_header(key.encode(), body, t)}
+    signature = signature_header(key.encode(), body, t, source=source)
+    sent = {"Content-Type": "application/json", "X-Signature": signature}
     sent.update(headers or {})
     return handle_webhook(source, sent, body, signing_key or KeySource(), now=now)
 
@@ -82,10 +83,10 @@ def error_of(result: WebhookResult) -> dict[str, Any]:
 # --- signature helper -------------------------------------------------------------------------------
 
 
-def test_signature_header_is_hmac_sha256_of_t_dot_body() -> None:
+def test_signature_header_is_hmac_sha256_of_t_dot_source_dot_body() -> None:
     body = b'{"a":1}'
-    expected = hmac.new(KEY.encode(), b"1700000000." + body, hashlib.sha256).hexdigest()
-    assert signature_header(KEY.encode(), body, NOW) == f"t=1700000000,v1={expected}"
+    expected = hmac.new(KEY.encode(), b"1700000000.crm." + body, hashlib.sha256).hexdigest()
+    assert signature_header(KEY.encode(), body, NOW, source="crm") == f"t=1700000000,v1={expected}"
 
 
 # --- 202 -----------------------------------------------------------------------------------------
@@ -131,7 +132,8 @@ def test_json_content_types_accepted(content_type: str) -> None:
 
 def test_header_names_are_case_insensitive() -> None:
     body = json.dumps(job()).encode()
-    headers = {"content-type": "application/json", "x-signature": signature_header(KEY.encode(), body, NOW)}
+    signature = signature_header(KEY.encode(), body, NOW, source="crm")
+    headers = {"content-type": "application/json", "x-signature": signature}
     assert handle_webhook("crm", headers, body, KeySource(), now=NOW).status == 202
 
 
@@ -142,8 +144,8 @@ def test_timestamp_window_edges_are_accepted(skew: int) -> None:
 
 def test_rotated_keys_any_v1_may_match() -> None:
     body = json.dumps(job()).encode()
-    old = signature_header(b"old-key", body, NOW).split(",")[1]
-    new = signature_header(KEY.encode(), body, NOW).split(",")[1]
+    old = signature_header(b"old-key", body, NOW, source="crm").split(",")[1]
+    new = signature_header(KEY.encode(), body, NOW, source="crm").split(",")[1]
     header = f"t={NOW},{old},{new}"
     assert send(body, headers={"X-Signature": header}).status == 202
     header = f"t={NOW},{new},{old}"
@@ -152,7 +154,7 @@ def test_rotated_keys_any_v1_may_match() -> None:
 
 def test_unknown_signature_schemes_are_ignored() -> None:
     body = json.dumps(job()).encode()
-    header = signature_header(KEY.encode(), body, NOW) + ",v0=abc"
+    header = signature_header(KEY.encode(), body, NOW, source="crm") + ",v0=abc"
     assert send(body, headers={"X-Signature": header}).status == 202
 
 
@@ -194,14 +196,14 @@ def test_wrong_key() -> None:
 
 def test_signature_over_a_different_body() -> None:
     body = json.dumps(job()).encode()
-    header = signature_header(KEY.encode(), body + b" ", NOW)
+    header = signature_header(KEY.encode(), body + b" ", NOW, source="crm")
     result = send(body, headers={"X-Signature": header})
     assert result.status == 401 and error_of(result)["code"] == "signature_invalid"
 
 
 def test_signature_with_a_different_timestamp_than_signed() -> None:
     body = json.dumps(job()).encode()
-    digest = signature_header(KEY.encode(), body, NOW).split(",")[1]
+    digest = signature_header(KEY.encode(), body, NOW, source="crm").split(",")[1]
     result = send(body, headers={"X-Signature": f"t={NOW + 1},{digest}"})
     assert result.status == 401 and error_of(result)["code"] == "signature_invalid"
 
@@ -271,7 +273,7 @@ def test_job_size_is_measured_on_the_enqueued_text() -> None:
 )
 def test_not_json_is_415(content_type: str | None) -> None:
     body = json.dumps(job()).encode()
-    headers = {"X-Signature": signature_header(KEY.encode(), body, NOW)}
+    headers = {"X-Signature": signature_header(KEY.encode(), body, NOW, source="crm")}
     if content_type is not None:
         headers["Content-Type"] = content_type
     keys = KeySource()
@@ -374,7 +376,7 @@ def test_fuzz_any_body_gets_a_documented_answer(body: bytes, content_type: str |
     if content_type:
         headers["Content-Type"] = content_type
     if signed:
-        headers["X-Signature"] = signature_header(KEY.encode(), body, NOW)
+        headers["X-Signature"] = signature_header(KEY.encode(), body, NOW, source="crm")
     result = handle_webhook("crm", headers, body, KeySource(), now=NOW)
     assert result.status in (202, 400, 401, 413, 415)
     if result.status == 202:
@@ -394,7 +396,8 @@ def test_fuzz_signature_parser_never_raises(value: str) -> None:
 
 
 def _signed(body: bytes, key: str) -> dict[str, str]:
-    return {"Content-Type": "application/json", "X-Signature": signature_header(key.encode(), body, NOW)}
+    signature = signature_header(key.encode(), body, NOW, source="crm")
+    return {"Content-Type": "application/json", "X-Signature": signature}
 
 
 def test_a_rotated_key_is_reread_once_and_accepted() -> None:
@@ -492,3 +495,24 @@ def test_keyless_creates_from_two_sources_with_the_same_job_id_get_two_records()
         ids.setdefault(source, set()).add(parse_message(message).write_key())
     assert len(ids["crm"]) == 1  # the same source twice: the same record id (a replay is a no-op)
     assert ids["crm"] != ids["erp"]
+
+
+# --- the signature covers the route's {source} -------------------------------------------------------
+
+
+def test_a_body_signed_for_one_source_is_refused_at_another() -> None:
+    body = json.dumps(job()).encode()
+    signed_for_a = {"Content-Type": "application/json",
+                    "X-Signature": signature_header(KEY.encode(), body, NOW, source="crm")}
+    assert handle_webhook("crm", signed_for_a, body, KeySource(), now=NOW).status == 202
+    refused = handle_webhook("erp", signed_for_a, body, KeySource(), now=NOW)
+    assert refused.status == 401
+    assert error_of(refused)["code"] == "signature_invalid"
+
+
+def test_the_signed_string_is_t_dot_source_dot_body() -> None:
+    body = b'{"id":"x"}'
+    expected = hmac.new(KEY.encode(), b"1700000000.erp.v2." + body, hashlib.sha256).hexdigest()
+    assert signature_header(KEY.encode(), body, NOW, source="erp.v2") == f"t=1700000000,v1={expected}"
+    old_style = hmac.new(KEY.encode(), b"1700000000." + body, hashlib.sha256).hexdigest()
+    assert send(job(), headers={"X-Signature": f"t={NOW},v1={old_style}"}).status == 401
