@@ -34,6 +34,17 @@ param dataverseClientId string
 @description('DATAVERSE_CLIENT_SECRET_NAME: Key Vault secret that holds the client secret.')
 param dataverseClientSecretName string = 'dataverse-client-secret'
 
+@allowed([
+  'secret'
+  'federated'
+  'certificate'
+])
+@description('DATAVERSE_CREDENTIAL: secret (client secret in Key Vault), federated (the managed identity, no secret at all) or certificate (Key Vault certificate).')
+param dataverseCredential string = 'secret'
+
+@description('DATAVERSE_CERTIFICATE_NAME: Key Vault certificate used when dataverseCredential is certificate.')
+param dataverseCertificateName string = 'dataverse-certificate'
+
 @description('WEBHOOK_SECRET_NAME: Key Vault secret that holds the webhook signing key.')
 param webhookSecretName string = 'webhook-signing-secret'
 
@@ -220,6 +231,8 @@ module functionApp 'modules/functionapp.bicep' = {
     dataverseClientId: dataverseClientId
     keyVaultUrl: keyVault.outputs.uri
     dataverseClientSecretName: dataverseClientSecretName
+    dataverseCredential: dataverseCredential
+    dataverseCertificateName: dataverseCertificateName
     webhookSecretName: webhookSecretName
     dataverseApiVersion: dataverseApiVersion
     syncQueueName: syncQueueName

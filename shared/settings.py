@@ -35,6 +35,14 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "DATAVERSE_CLIENT_SECRET_NAME", "dataverse-client-secret", "Key Vault secret with the client secret"
     ),
     SettingSpec(
+        "DATAVERSE_CREDENTIAL", "secret",
+        "How the app proves itself to Entra ID: secret, federated (managed identity) or certificate",
+    ),
+    SettingSpec(
+        "DATAVERSE_CERTIFICATE_NAME", "dataverse-certificate",
+        "Key Vault certificate (read as the secret of the same name) for DATAVERSE_CREDENTIAL=certificate",
+    ),
+    SettingSpec(
         "WEBHOOK_SECRET_NAME", "webhook-signing-secret", "Key Vault secret with the webhook signing key"
     ),
     SettingSpec("DATAVERSE_API_VERSION", "v9.2", "Web API version"),
@@ -56,6 +64,8 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("AZURE_CLIENT_ID", "", "User-assigned managed identity for Key Vault (azure-identity's own)",
                 external=True),
 )
+
+CREDENTIAL_MODES = ("secret", "federated", "certificate")
 
 _PUBLIC_AUTHORITIES = (
     "login.microsoftonline.com",
@@ -111,6 +121,8 @@ class Settings:
     key_vault_url: str
     client_secret_name: str = "dataverse-client-secret"  # noqa: S105 (a Key Vault secret's name)
     webhook_secret_name: str = "webhook-signing-secret"  # noqa: S105
+    credential: str = "secret"  # one of CREDENTIAL_MODES
+    certificate_name: str = "dataverse-certificate"
     api_version: str = "v9.2"
     sync_queue_name: str = "dynamics-sync"
     authority_host: str = ""
@@ -160,6 +172,11 @@ class Settings:
         api_version = value("DATAVERSE_API_VERSION")
         if not api_version.startswith("v") or not api_version[1:].replace(".", "").isdigit():
             raise ConfigurationError("DATAVERSE_API_VERSION", f"must look like v9.2, got {api_version!r}")
+        credential = value("DATAVERSE_CREDENTIAL").lower()
+        if credential not in CREDENTIAL_MODES:
+            raise ConfigurationError(
+                "DATAVERSE_CREDENTIAL", f"must be one of {', '.join(CREDENTIAL_MODES)}, got {credential!r}"
+            )
         return cls(
             dataverse_url=_https_url("DATAVERSE_URL", value("DATAVERSE_URL")),
             tenant_id=_guid("DATAVERSE_TENANT_ID", value("DATAVERSE_TENANT_ID")),
@@ -167,6 +184,8 @@ class Settings:
             key_vault_url=_https_url("KEY_VAULT_URL", value("KEY_VAULT_URL")),
             client_secret_name=value("DATAVERSE_CLIENT_SECRET_NAME"),
             webhook_secret_name=value("WEBHOOK_SECRET_NAME"),
+            credential=credential,
+            certificate_name=value("DATAVERSE_CERTIFICATE_NAME"),
             api_version=api_version,
             sync_queue_name=value("SYNC_QUEUE_NAME"),
             authority_host=authority,

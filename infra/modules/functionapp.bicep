@@ -40,6 +40,12 @@ param dataverseTenantId string
 param dataverseClientId string
 param keyVaultUrl string
 param dataverseClientSecretName string
+
+@description('DATAVERSE_CREDENTIAL: secret, federated or certificate.')
+param dataverseCredential string
+
+@description('DATAVERSE_CERTIFICATE_NAME: Key Vault certificate for the certificate credential.')
+param dataverseCertificateName string
 param webhookSecretName string
 param dataverseApiVersion string
 param syncQueueName string
@@ -115,6 +121,14 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
         {
           name: 'DATAVERSE_CLIENT_SECRET_NAME'
           value: dataverseClientSecretName
+        }
+        {
+          name: 'DATAVERSE_CREDENTIAL'
+          value: dataverseCredential
+        }
+        {
+          name: 'DATAVERSE_CERTIFICATE_NAME'
+          value: dataverseCertificateName
         }
         {
           name: 'WEBHOOK_SECRET_NAME'

@@ -335,3 +335,29 @@ def test_credential_is_built_with_the_settings(monkeypatch: pytest.MonkeyPatch) 
     )
     TokenProvider(public, FakeSecrets()).get_token()  # type: ignore[arg-type]
     assert seen["authority"] is None and seen["disable_instance_discovery"] is False
+
+
+# -- DATAVERSE_CREDENTIAL (issue 10) --------------------------------------------------------------
+
+_ENV = {
+    "DATAVERSE_URL": "https://org.crm.dynamics.com",
+    "DATAVERSE_TENANT_ID": TENANT,
+    "DATAVERSE_CLIENT_ID": CLIENT,
+    "KEY_VAULT_URL": "https://kv.local.test",
+}
+
+
+def test_credential_mode_defaults_to_secret_and_accepts_the_other_modes() -> None:
+    assert Settings.from_env(_ENV).credential == "secret"
+    assert Settings.from_env({**_ENV, "DATAVERSE_CREDENTIAL": "Federated"}).credential == "federated"
+    cert = Settings.from_env({**_ENV, "DATAVERSE_CREDENTIAL": "certificate"})
+    assert (cert.credential, cert.certificate_name) == ("certificate", "dataverse-certificate")
+
+
+def test_unknown_credential_mode_is_named() -> None:
+    from shared.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError) as info:
+        Settings.from_env({**_ENV, "DATAVERSE_CREDENTIAL": "password"})
+    assert info.value.setting == "DATAVERSE_CREDENTIAL"
+    assert info.value.code == "setting_invalid"
