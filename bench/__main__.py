@@ -3,7 +3,7 @@
 Starts its own local stack (emulators only), gives every measurement a fresh sandbox with the
 latency and service-protection limits of its workload, runs each contender in a fresh process,
 reads the request counters and the written records back, prints the table and the targets, and
-writes ``bench/results/latest.json`` + ``latest.md`` and the README's Benchmarks section.
+writes ``bench/results/latest.json`` + ``latest.md`` and the figures in ``docs/bench.md``.
 ``--quick`` is a small smoke run (its figures are not comparable with a full run).
 """
 
@@ -41,8 +41,9 @@ from bench.stack import ROOT, StackProcess, pinned
 from bench.workload import Workload
 
 RESULTS = ROOT / "bench" / "results"
-README = ROOT / "README.md"
-README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+# The figures live in docs/bench.md, between these markers, so a run never rewrites the README newcomers read.
+BENCH_DOC = ROOT / "docs" / "bench.md"
+BENCH_START, BENCH_END = "<!-- bench:start -->", "<!-- bench:end -->"
 CONCURRENCY = 24  # host.json: batchSize 16 + newBatchThreshold 8
 ACTORS = 50
 W1_LATENCY, AUTH_LATENCY = 0.100, 0.020
@@ -430,18 +431,25 @@ METHOD = [
 
 
 def write_markdown(results: dict[str, Any]) -> None:
-    """latest.md always; the README's figures only from a full run (a quick run is not comparable)."""
+    """latest.md always; docs/bench.md's figures only from a full run (a quick run is not comparable)."""
     (RESULTS / "latest.md").write_text(render_markdown(results), encoding="utf-8")
     written = [str(RESULTS / "latest.md")]
-    if not results.get("quick"):
-        text = README.read_text(encoding="utf-8")
-        start, end = text.find(README_START), text.find(README_END)
-        if 0 <= start < end:
-            section = render_markdown(results, heading="##").strip()
-            text = f"{text[:start + len(README_START)]}\n{section}\n{text[end:]}"
-            README.write_text(text, encoding="utf-8")
-            written.append(str(README))
+    if not results.get("quick") and replace_between_markers(BENCH_DOC, render_markdown(results).strip()):
+        written.append(str(BENCH_DOC))
     print(f"\nwrote {' and '.join(written)} (figures in {RESULTS / 'latest.json'})")
+
+
+def replace_between_markers(path: Path, section: str) -> bool:
+    """Put ``section`` between the bench markers of ``path``; False (file untouched) when they are missing,
+    so a moved or edited document is never overwritten wholesale."""
+    if not path.is_file():
+        return False
+    text = path.read_text(encoding="utf-8")
+    start, end = text.find(BENCH_START), text.find(BENCH_END)
+    if not 0 <= start < end:
+        return False
+    path.write_text(f"{text[:start + len(BENCH_START)]}\n{section}\n{text[end:]}", encoding="utf-8")
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -456,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="workers' stderr and profiles")
     parser.add_argument("--no-write", action="store_true", help="print only; leave results and docs alone")
     parser.add_argument("--render-only", action="store_true",
-                        help="rewrite latest.md and the README's figures from latest.json")
+                        help="rewrite latest.md and docs/bench.md's figures from latest.json")
     args = parser.parse_args(argv)
     if args.render_only:
         saved = json.loads((RESULTS / "latest.json").read_text(encoding="utf-8"))

@@ -50,7 +50,7 @@ from shared.errors import (
 from shared.logs import job_logger
 
 if TYPE_CHECKING:
-    from shared.dataverse import WriteResult
+    from shared.dataverse import Caller, WriteResult
     from shared.runtime import Runtime
     from shared.users import SystemUser
 
@@ -435,9 +435,38 @@ def resolve_actor(job: Job, runtime: Runtime) -> SystemUser | None:
 
 
 def run_job(job: Job, runtime: Runtime) -> WriteResult:
-    """Resolve the actor, refuse a disabled one before any write, then write once on their behalf."""
+    """Resolve the actor, refuse a disabled one, prove Dataverse runs as them, then write once.
+
+    The proof (``WhoAmI`` with the caller header, cached per actor) comes before the first write, so an
+    update, upsert or delete never runs under a caller Dataverse would silently ignore.
+    """
     actor = resolve_actor(job, runtime)
     caller = actor.caller() if actor is not None else None
+    if actor is not None:
+        runtime.attribution.verify(actor, correlation_id=job.id)
+    try:
+        result = _write(job, runtime, caller)
+    except DataverseError as exc:
+        if actor is not None and exc.status in (400, 403):
+            runtime.attribution.forget(actor.systemuserid)  # the caller may have changed: check again
+        raise
+    # The core checks _modifiedby_value itself; this second look costs nothing and guards the contract.
+    if actor is not None and result.modified_by and result.modified_by.lower() != actor.systemuserid.lower():
+        runtime.attribution.forget(actor.systemuserid)
+        raise ImpersonationNotApplied(
+            f"Dataverse recorded the write as {result.modified_by}, not as the actor {actor.systemuserid}",
+            details=[{"field": "actAs", "systemUserId": actor.systemuserid,
+                      "modifiedBy": result.modified_by}],
+        )
+    job_logger(log, job.id).info(
+        "outcome=written operation=%s entity=%s key=%s record=%s status=%s noop=%s actor=%s",
+        job.operation, job.entity, _describe_key(job.key), result.record_id, result.status,
+        result.noop, actor.systemuserid if actor is not None else "application",
+    )
+    return result
+
+
+def _write(job: Job, runtime: Runtime, caller: Caller | None) -> WriteResult:
     dataverse = runtime.dataverse
     cid = job.id
     result: WriteResult
@@ -454,18 +483,6 @@ def run_job(job: Job, runtime: Runtime) -> WriteResult:
     else:
         assert job.key is not None
         result = dataverse.delete(job.entity, job.key, caller=caller, correlation_id=cid)
-    # The core checks _modifiedby_value itself; this second look costs nothing and guards the contract.
-    if actor is not None and result.modified_by and result.modified_by.lower() != actor.systemuserid.lower():
-        raise ImpersonationNotApplied(
-            f"Dataverse recorded the write as {result.modified_by}, not as the actor {actor.systemuserid}",
-            details=[{"field": "actAs", "systemUserId": actor.systemuserid,
-                      "modifiedBy": result.modified_by}],
-        )
-    job_logger(log, job.id).info(
-        "outcome=written operation=%s entity=%s key=%s record=%s status=%s noop=%s actor=%s",
-        job.operation, job.entity, _describe_key(job.key), result.record_id, result.status,
-        result.noop, actor.systemuserid if actor is not None else "application",
-    )
     return result
 
 

@@ -10,6 +10,16 @@ token until five minutes before it expires, and answers two events azure-identit
   was rotated in Key Vault, so it is re-read once and the request tried once more with a new
   credential; no restart needed.
 
+``DATAVERSE_CREDENTIAL`` picks what proves the app to Entra ID, with the same guarantees for each:
+
+* ``secret``: the client secret read from Key Vault (above).
+* ``federated``: no secret at all.  ``ClientAssertionCredential`` sends a managed-identity token for
+  ``api://AzureADTokenExchange`` as the client assertion; Entra ID accepts it when the app
+  registration has a matching federated credential (else AADSTS70021, ``entra_federation_mismatch``).
+* ``certificate``: ``CertificateCredential`` with the PEM/PFX that Key Vault exposes as the secret
+  named like the certificate; an unknown or rotated certificate (AADSTS700027) is re-read once,
+  like a rotated secret (``entra_invalid_certificate`` when the re-read does not help).
+
 Entra's answer is classified from the ``error`` and ``error_codes`` of its JSON body (captured
 through azure-core's response hook, since the credential's exception keeps only a message),
 never from ``error_description`` text.
@@ -19,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +57,14 @@ INVALID_CLIENT_CODES = frozenset({7000215, 7000222})
 UNAUTHORIZED_CLIENT_CODES = frozenset({700016})
 INVALID_TENANT_CODES = frozenset({90002})
 INVALID_SCOPE_CODES = frozenset({70011, 500011})
+FEDERATION_MISMATCH_CODES = frozenset({70021})
+INVALID_CERTIFICATE_CODES = frozenset({700027})
+TOKEN_EXCHANGE_SCOPE = "api://AzureADTokenExchange/.default"  # noqa: S105 (a scope, not a secret)
+# What a rejected credential of each mode is classified as; these (and only these) trigger a re-read.
+_ROTATABLE = {
+    "secret": {"entra_invalid_client"},
+    "certificate": {"entra_invalid_certificate", "entra_invalid_client"},
+}
 
 
 @dataclass(frozen=True)
@@ -137,6 +156,7 @@ class TokenProvider:
         self._credential_secret: str | None = None
         self._token: _Token | None = None
         self._flight: SingleFlight[str] = SingleFlight()
+        self._identity: TokenCredential | None = None  # federated mode: the managed identity
         self.requests = 0  # token requests sent through a credential (for diagnostics and tests)
 
     # -- public -----------------------------------------------------------------------------------
@@ -169,29 +189,42 @@ class TokenProvider:
         return self._fetch()
 
     def _fetch(self) -> str:
-        name = self._settings.client_secret_name
+        mode = self._settings.credential
+        if mode == "federated":
+            # Nothing to read or rotate: the assertion is a fresh managed-identity token each time.
+            token = self._request("federated")
+            with self._lock:
+                self._token = token
+            return token.value
+        name = self._material_name()
         secret = self._secrets.get(name)
+        rotatable = _ROTATABLE.get(mode, _ROTATABLE["secret"])
         try:
             token = self._request(secret)
         except AuthError as exc:
-            if exc.code != "entra_invalid_client":
+            if exc.code not in rotatable:
                 raise
             fresh = self._secrets.refresh(name, stale=secret)
             if fresh == secret:
-                raise self._invalid_client(exc) from exc
+                raise self._rejected(exc) from exc
             logger.warning(
-                "Entra ID rejected the client secret (AADSTS%s); Key Vault has a new one: retrying once",
+                "Entra ID rejected the %s (AADSTS%s); Key Vault has a new one: retrying once",
+                mode,
                 exc.aadsts,
             )
             try:
                 token = self._request(fresh)
             except AuthError as again:
-                if again.code == "entra_invalid_client":
-                    raise self._invalid_client(again) from again
+                if again.code in rotatable:
+                    raise self._rejected(again) from again
                 raise
         with self._lock:
             self._token = token
         return token.value
+
+    def _material_name(self) -> str:
+        s = self._settings
+        return s.certificate_name if s.credential == "certificate" else s.client_secret_name
 
     def _request(self, secret: str) -> _Token:
         credential = self._credential_for(secret)
@@ -221,28 +254,54 @@ class TokenProvider:
         self._credential_secret = None
 
     def _build(self, secret: str) -> TokenCredential:
-        register_secret(secret)
+        mode = self._settings.credential
+        if mode != "federated":
+            register_secret(secret)
         if self._factory is not None:
             return self._factory(secret)
+        s = self._settings
+        common: dict[str, Any] = {
+            "authority": s.authority_host or None,
+            "disable_instance_discovery": not s.public_authority,
+            "connection_timeout": AUTH_TIMEOUT_SECONDS,
+            "read_timeout": AUTH_TIMEOUT_SECONDS,
+            "retry_total": AUTH_RETRIES,
+            "retry_connect": AUTH_RETRIES,
+            "retry_read": AUTH_RETRIES,
+            "retry_status": AUTH_RETRIES,
+            "retry_backoff_factor": 0.5,
+            "retry_backoff_max": 4,
+            "raw_response_hook": self._probe.on_response,
+        }
+        if mode == "federated":
+            from azure.identity import ClientAssertionCredential
+
+            return ClientAssertionCredential(s.tenant_id, s.client_id, self._assertion, **common)
+        if mode == "certificate":
+            from azure.identity import CertificateCredential
+
+            return CertificateCredential(s.tenant_id, s.client_id, certificate_data=secret.encode(), **common)
         from azure.identity import ClientSecretCredential
 
-        s = self._settings
-        return ClientSecretCredential(
-            s.tenant_id,
-            s.client_id,
-            secret,
-            authority=s.authority_host or None,
-            disable_instance_discovery=not s.public_authority,
-            connection_timeout=AUTH_TIMEOUT_SECONDS,
-            read_timeout=AUTH_TIMEOUT_SECONDS,
-            retry_total=AUTH_RETRIES,
-            retry_connect=AUTH_RETRIES,
-            retry_read=AUTH_RETRIES,
-            retry_status=AUTH_RETRIES,
-            retry_backoff_factor=0.5,
-            retry_backoff_max=4,
-            raw_response_hook=self._probe.on_response,
-        )
+        return ClientSecretCredential(s.tenant_id, s.client_id, secret, **common)
+
+    def _assertion(self) -> str:
+        """The client assertion of federated mode: the managed identity's token for the token exchange.
+
+        Asked for at each token request (the MI endpoint caches it), so an expired assertion is never sent.
+        """
+        with self._lock:
+            if self._identity is None:
+                from azure.identity import ManagedIdentityCredential
+
+                self._identity = ManagedIdentityCredential(
+                    client_id=os.environ.get("AZURE_CLIENT_ID") or None,
+                    connection_timeout=AUTH_TIMEOUT_SECONDS,
+                    read_timeout=AUTH_TIMEOUT_SECONDS,
+                    retry_total=AUTH_RETRIES,
+                )
+            identity = self._identity
+        return identity.get_token(TOKEN_EXCHANGE_SCOPE).token
 
     def _classify(self, exc: BaseException) -> AuthError:
         answer = self._probe.answer or _answer_from_exception(exc)
@@ -250,6 +309,22 @@ class TokenProvider:
         if answer is not None:
             codes = set(answer.error_codes)
             aadsts = answer.error_codes[0] if answer.error_codes else None
+            if codes & FEDERATION_MISMATCH_CODES:
+                return AuthError(
+                    f"Entra ID found no federated credential on the app registration {s.client_id} that "
+                    f"matches the managed identity's token (AADSTS{aadsts}).",
+                    code="entra_federation_mismatch",
+                    status=answer.status,
+                    aadsts=aadsts,
+                )
+            if codes & INVALID_CERTIFICATE_CODES:
+                return AuthError(
+                    "Entra ID rejected the certificate's signature or does not know its key "
+                    f"(AADSTS{aadsts}).",
+                    code="entra_invalid_certificate",
+                    status=answer.status,
+                    aadsts=aadsts,
+                )
             if codes & INVALID_CLIENT_CODES or answer.error == "invalid_client":
                 return AuthError(
                     f"Entra ID rejected the client secret (invalid_client, AADSTS{aadsts}).",
@@ -307,6 +382,20 @@ class TokenProvider:
             f"The token request failed ({type(exc).__name__}); no token for now.",
             code="entra_unavailable",
             transient=True,
+        )
+
+    def _rejected(self, cause: AuthError) -> AuthError:
+        s = self._settings
+        if s.credential != "certificate":
+            return self._invalid_client(cause)
+        return AuthError(
+            f"Entra ID rejected the certificate in Key Vault '{s.certificate_name}' "
+            f"({self._secrets.vault_url}) (AADSTS{cause.aadsts}): upload the certificate's public part to "
+            f"the app registration {s.client_id} (Certificates & secrets), or store the registered "
+            "certificate's PEM in Key Vault.",
+            code="entra_invalid_certificate",
+            status=cause.status,
+            aadsts=cause.aadsts,
         )
 
     def _invalid_client(self, cause: AuthError) -> AuthError:

@@ -368,9 +368,10 @@ ROWS: list[Row] = [
         message=job(actAs={"email": "disabled@contoso.com"}), records=0, author=None, check=no_write_sent),
     Row("actor-ambiguous", (DeadLettered("actor_ambiguous"),),
         message=job(actAs={"email": "shared@contoso.com"}), records=0, author=None, check=no_write_sent),
+    # WhoAmI with the caller header answers the application user: refused before any write (issue 8).
     Row("actor-silently-not-impersonated", (DeadLettered("impersonation_not_applied"),),
         message=job(actAs={"email": "stale@contoso.com"}),
-        arrange=stale_actor, author=APP),
+        arrange=stale_actor, records=0, author=None),
     Row("actor-without-entra-id", (W,), message=job(actAs={"email": "noentra@contoso.com"}),
         author="noentra@contoso.com"),
     Row("actor-o'brien", (W,), message=job(actAs={"email": "o'brien@contoso.com"}),

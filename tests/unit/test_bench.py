@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from bench import coldstart, soak
+from bench.__main__ import BENCH_DOC, BENCH_END, BENCH_START, replace_between_markers
 from bench.report import latency_bound_jobs_per_second, window_minimum_seconds
 from bench.worker import QueueSim, failure_code
 from bench.workload import Workload
@@ -150,3 +152,26 @@ def test_memory_verdict_flags_growth_after_warm_up() -> None:
     leaking = [(float(t), 60 * mib + t * mib) for t in range(100)]
     assert soak.memory_verdict(flat, progress, 10_000)["flat"] is True
     assert soak.memory_verdict(leaking, progress, 10_000)["flat"] is False
+
+
+def test_bench_figures_replace_only_the_marked_section_of_docs_bench(tmp_path: Path) -> None:
+    """A full run rewrites the figures between the markers and keeps the prose around them."""
+    doc = tmp_path / "bench.md"
+    doc.write_text(f"intro\n{BENCH_START}\nold figures\n{BENCH_END}\nfooter\n", encoding="utf-8")
+    assert replace_between_markers(doc, "# Benchmarks\nnew figures")
+    assert doc.read_text(encoding="utf-8") == (
+        f"intro\n{BENCH_START}\n# Benchmarks\nnew figures\n{BENCH_END}\nfooter\n"
+    )
+
+
+def test_bench_figures_leave_a_document_without_markers_alone(tmp_path: Path) -> None:
+    doc = tmp_path / "bench.md"
+    doc.write_text("hand-written, no markers\n", encoding="utf-8")
+    assert not replace_between_markers(doc, "figures")
+    assert doc.read_text(encoding="utf-8") == "hand-written, no markers\n"
+    assert not replace_between_markers(tmp_path / "missing.md", "figures")
+
+
+def test_the_committed_bench_doc_has_the_markers_a_full_run_writes_between() -> None:
+    text = BENCH_DOC.read_text(encoding="utf-8")
+    assert 0 <= text.find(BENCH_START) < text.find(BENCH_END)
