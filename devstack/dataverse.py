@@ -135,6 +135,38 @@ def _lower_guid(value: object) -> str | None:
     return value.lower() if isinstance(value, str) and _GUID_RE.fullmatch(value) else None
 
 
+_ADDRESS = tuple(
+    f"address{n}_{part}" for n in (1, 2)
+    for part in ("name", "line1", "line2", "line3", "city", "stateorprovince", "postalcode", "country",
+                 "county", "telephone1", "latitude", "longitude", "addresstypecode")
+)
+# Writable columns of the stock tables (a subset of Learn's Web API EntityType reference): a write body
+# naming any other column is refused as Dataverse refuses it, so a typo in a job fails here as in Azure.
+STOCK_COLUMNS: dict[str, frozenset[str]] = {
+    "contacts": frozenset((
+        "contactid", "firstname", "lastname", "middlename", "nickname", "salutation", "suffix", "jobtitle",
+        "department", "emailaddress1", "emailaddress2", "emailaddress3", "telephone1", "telephone2",
+        "telephone3", "mobilephone", "fax", "websiteurl", "description", "gendercode", "familystatuscode",
+        "birthdate", "anniversary", "spousesname", "numberofchildren", "preferredcontactmethodcode",
+        "donotemail", "donotphone", "donotbulkemail", "statecode", "statuscode", "accountrolecode",
+        "creditlimit", "governmentid", "employeeid", "externaluseridentifier", "assistantname",
+        "managername", "company", "overriddencreatedon", "importsequencenumber", *_ADDRESS,
+    )),
+    "accounts": frozenset((
+        "accountid", "name", "accountnumber", "description", "telephone1", "telephone2", "fax",
+        "websiteurl", "emailaddress1", "emailaddress2", "revenue", "numberofemployees", "industrycode",
+        "accountcategorycode", "customertypecode", "tickersymbol", "creditlimit", "donotemail",
+        "donotphone", "statecode", "statuscode", "overriddencreatedon", "importsequencenumber", *_ADDRESS,
+    )),
+    "leads": frozenset((
+        "leadid", "subject", "firstname", "lastname", "middlename", "companyname", "jobtitle",
+        "emailaddress1", "telephone1", "mobilephone", "websiteurl", "description", "leadsourcecode",
+        "leadqualitycode", "revenue", "numberofemployees", "statecode", "statuscode",
+        "overriddencreatedon", "importsequencenumber", *_ADDRESS,
+    )),
+}
+
+
 @dataclass
 class Table:
     """An entity set with its primary id and alternate keys (each key a tuple of attributes)."""
@@ -143,6 +175,7 @@ class Table:
     logical_name: str
     primary_id: str
     alternate_keys: list[tuple[str, ...]]
+    columns: frozenset[str] | None = None  # None: a table added through the control API takes any column
     metadata_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     # alternate key -> normalised key values -> record id (Dataverse backs each key with a unique index)
@@ -409,7 +442,8 @@ class Org:
                 existing.alternate_keys = keys
                 existing.reindex()
                 return
-            self.tables[entity_set] = Table(entity_set, primary_id[:-2], primary_id, keys)
+            self.tables[entity_set] = Table(entity_set, primary_id[:-2], primary_id, keys,
+                                            columns=STOCK_COLUMNS.get(entity_set))
 
     def records(self, entity_set: str) -> list[dict[str, Any]]:
         """Every record of a table with its system fields (copies)."""
@@ -1111,6 +1145,7 @@ class _Request:
                 not _IDENT_RE.fullmatch(name)
                 or name == "versionnumber"
                 or (name.startswith("_") and name.endswith("_value"))
+                or (table.columns is not None and name not in table.columns)
             ):
                 raise bad(
                     f"The property '{name}' does not exist on type "

@@ -38,7 +38,7 @@ from urllib.parse import quote, urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
-from shared.errors import DataverseError, ImpersonationNotApplied
+from shared.errors import DataverseError, ImpersonationNotApplied, fix_for, unknown_column
 from shared.logs import job_logger
 
 if TYPE_CHECKING:
@@ -403,11 +403,17 @@ class DataverseClient:
         message = f"{label}: the connection broke ({type(exc).__name__})"
         return DataverseError(message, code="dataverse_unreachable", transient=True), True, True
 
+    def _fix(self, code: str) -> str:
+        """The one fix text of ``code`` (shared.errors.FIXES), as /api/diagnostics shows it."""
+        s = self._settings
+        return fix_for(code, client_id=s.client_id, tenant_id=s.tenant_id, url=s.dataverse_url)
+
     def _http_error(self, response: requests.Response, label: str) -> DataverseError:
         status = response.status_code
         dataverse_code, text = _error_body(response)
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
-        code = DataverseError.code_for(status, dataverse_code)
+        code = DataverseError.code_for(status, dataverse_code, text)
+        details: list[dict[str, Any]] | None = None
         if text:
             detail = text
         elif response.content:
@@ -419,19 +425,30 @@ class DataverseClient:
         if code == "impersonation_privilege_missing":
             message = (
                 f"{label} answered 403 {dataverse_code}: the application user may not act on behalf of "
-                "other users. Add the privilege prvActOnBehalfOfAnotherUser (the 'Delegate' role, or that "
-                "privilege in a custom role) to the application user's security role."
+                f"other users. {self._fix(code)}"
             )
+        elif code == "entity_not_found":
+            entity_set = label.split(" ", 1)[-1].split("(", 1)[0]
+            message = (
+                f"{label} answered 404 {dataverse_code}: the environment has no entity set "
+                f"'{entity_set}'. {self._fix(code)} Dataverse said: {detail}"
+            )
+        elif code == "invalid_column":
+            column, type_name = unknown_column(text) or ("?", "?")
+            message = (
+                f"data.{column}: {label} answered 400: table {type_name} has no column '{column}'. "
+                f"{self._fix(code)} Dataverse said: {detail}"
+            )
+            details = [{"field": f"data.{column}", "message": f"{type_name} has no column '{column}'"}]
         elif status == 401:
             message = (
                 f"{label} answered 401 twice, the second time with a new token: Dataverse does not "
-                "accept the application. Check that the environment has an application user for "
-                "DATAVERSE_CLIENT_ID (Power Platform admin center > Environments > Settings > Application "
-                "users) and that "
-                "DATAVERSE_URL is that environment's URL." + (f" {detail}" if text else "")
+                f"accept the application. {self._fix('dataverse_unauthorized')}"
+                + (f" {detail}" if text else "")
             )
         return DataverseError(
-            message, status=status, dataverse_code=dataverse_code, code=code, retry_after=retry_after
+            message, status=status, dataverse_code=dataverse_code, code=code, retry_after=retry_after,
+            details=details,
         )
 
     @staticmethod

@@ -8,6 +8,7 @@ error bodies.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -109,6 +110,24 @@ _PERMANENT_STATUS_CODES = {
     413: "dataverse_bad_request",
 }
 
+# "Resource not found for the segment '<name>'": the entity set does not exist (404).  Learn's
+# troubleshooting article shows 0x8006088a; current environments answer 0x80060888.
+_SEGMENT_NOT_FOUND_CODES = frozenset({"0x80060888", "0x8006088a"})
+# Dataverse's OData payload reader naming a column the table does not have (400, code 0x80048d19 wrapped
+# in "Error identified in Payload ...", or 0x80060888 / no code in older answers).
+_UNKNOWN_PROPERTY = re.compile(r"The property '([^']{1,200})' does not exist on type '([^']{1,200})'")
+
+
+def unknown_column(text: str | None) -> tuple[str, str] | None:
+    """``(column, type)`` when a Dataverse error message says a write named a column that does not exist.
+
+    The message is the only place Dataverse names the column, so it is read here, once; the code that
+    results (``invalid_column``) is what everything else branches on.
+    """
+    found = _UNKNOWN_PROPERTY.search(text or "")
+    return (found.group(1), found.group(2)) if found else None
+
+
 _DATAVERSE_CODE_NAMES = {
     "0x8004a110": "impersonation_privilege_missing",
     "0x80072322": "dataverse_throttled",
@@ -135,20 +154,27 @@ class DataverseError(SyncError):
         code: str | None = None,
         transient: bool | None = None,
         retry_after: float | None = None,
+        details: list[dict[str, Any]] | None = None,
     ) -> None:
         if code is None:
             code = self.code_for(status, dataverse_code)
         if transient is None:
             transient = status is None or status == 429 or status >= 500
-        super().__init__(message, code=code, transient=transient)
+        super().__init__(message, code=code, transient=transient, details=details)
         self.status = status
         self.dataverse_code = dataverse_code
         self.retry_after = retry_after
 
     @staticmethod
-    def code_for(status: int | None, dataverse_code: str | None) -> str:
+    def code_for(status: int | None, dataverse_code: str | None, text: str | None = None) -> str:
+        """The machine code of an answer.  ``text`` (Dataverse's message) only tells a missing column
+        apart from other 400s: ``invalid_column``; a missing entity set is 404 with the segment code."""
         if dataverse_code and dataverse_code.lower() in _DATAVERSE_CODE_NAMES:
             return _DATAVERSE_CODE_NAMES[dataverse_code.lower()]
+        if status == 404 and dataverse_code and dataverse_code.lower() in _SEGMENT_NOT_FOUND_CODES:
+            return "entity_not_found"
+        if status == 400 and unknown_column(text) is not None:
+            return "invalid_column"
         if status is None:
             return "dataverse_unreachable"
         if status == 429:
@@ -161,3 +187,184 @@ class DataverseError(SyncError):
         body = super().to_dict()
         body["details"] = [*self.details, {"status": self.status, "dataverseCode": self.dataverse_code}]
         return body
+
+
+# --------------------------------------------------------------------------- what to do about each code
+
+PORTAL_APP_USERS = (
+    "Power Platform admin center (https://admin.powerplatform.microsoft.com) > Manage > Environments > "
+    "<your environment> > Settings > Users + permissions > Application users"
+)
+"""Where the application user lives; every fix text that sends an operator there uses this path."""
+PORTAL_SECURITY_ROLES = (
+    "Power Platform admin center > Manage > Environments > <your environment> > Settings > "
+    "Users + permissions > Security roles"
+)
+PORTAL_APP_REGISTRATION = "Azure portal > Microsoft Entra ID > App registrations > {client_id}"
+PORTAL_KEY_VAULT_IAM = "Azure portal > Key vaults > {vault} > Access control (IAM) > Add role assignment"
+
+FIXES: dict[str, str] = {
+    # settings
+    "setting_missing": "Set {setting} in the Function App's application settings (Azure portal > Function "
+                       "App > Settings > Environment variables; locally: local.settings.json, see "
+                       "local.settings.example.json).",
+    "setting_invalid": "Correct {setting} in the Function App's application settings (Azure portal > "
+                       "Function App > Settings > Environment variables; locally: local.settings.json).",
+    # managed identity
+    "managed_identity_not_configured": (
+        "Enable the Function App's managed identity (Azure portal > Function App > Settings > Identity: "
+        "system-assigned, or a user-assigned one with AZURE_CLIENT_ID set to its client id). Locally, run "
+        "the devstack or `az login`."
+    ),
+    "managed_identity_unavailable": "The identity endpoint did not answer; retry later.",
+    # Key Vault
+    "keyvault_forbidden": (
+        "Grant the Function App's managed identity the 'Key Vault Secrets User' role on {vault} ("
+        + PORTAL_KEY_VAULT_IAM + " > Key Vault Secrets User > Managed identity), and let the app through "
+        "the vault's firewall (Key vaults > {vault} > Networking)."
+    ),
+    "keyvault_secret_not_found": (
+        "Create the secret {secret} in {vault} (Azure portal > Key vaults > {vault} > Objects > Secrets > "
+        "Generate/Import) with the app registration's client secret VALUE, or set "
+        "DATAVERSE_CLIENT_SECRET_NAME to the secret's name."
+    ),
+    "keyvault_unavailable": "{vault} did not answer; check KEY_VAULT_URL, the network path, and retry.",
+    # Entra ID
+    "entra_invalid_client": (
+        "AADSTS7000215/7000222: the client secret in Key Vault secret {secret} is wrong or expired. Create a "
+        "new client secret (" + PORTAL_APP_REGISTRATION + " > Certificates & secrets > New client secret) "
+        "and store its VALUE (not its Secret ID) as a new version of that secret; the app picks it up "
+        "without a restart."
+    ),
+    "entra_invalid_certificate": (
+        "Upload the public part of the certificate in Key Vault to the app registration ("
+        + PORTAL_APP_REGISTRATION + " > Certificates & secrets > Certificates > Upload certificate), or "
+        "store the registered certificate in Key Vault."
+    ),
+    "entra_federation_mismatch": (
+        "Add a federated credential for the Function App's managed identity to the app registration ("
+        + PORTAL_APP_REGISTRATION + " > Certificates & secrets > Federated credentials > Add credential > "
+        "Managed identity)."
+    ),
+    "entra_unauthorized_client": (
+        "AADSTS700016: DATAVERSE_CLIENT_ID {client_id} is not an application in tenant {tenant_id}. Check "
+        "the client id and DATAVERSE_TENANT_ID: copy the Application (client) ID and Directory (tenant) ID "
+        "from " + PORTAL_APP_REGISTRATION
+        + " > Overview; if the environment is in another tenant, an administrator of that tenant must "
+        "grant admin consent first."
+    ),
+    "entra_invalid_tenant": (
+        "AADSTS90002: DATAVERSE_TENANT_ID {tenant_id} is not a tenant. Use the Directory (tenant) ID from "
+        + PORTAL_APP_REGISTRATION + " > Overview."
+    ),
+    "entra_invalid_scope": (
+        "AADSTS70011/500011: DATAVERSE_URL {url} is not a Dataverse environment of tenant {tenant_id}. Copy "
+        "the Environment URL from Power Platform admin center > Manage > Environments > <your environment>."
+    ),
+    "entra_rejected": "Entra ID refused the token request: read the AADSTS code in the detail "
+                      "(https://login.microsoftonline.com/error?code=<number>).",
+    "entra_unavailable": "Entra ID did not answer; check AZURE_AUTHORITY_HOST and the network, retry.",
+    "auth_failed": "Authentication failed: see the detail above.",
+    # Dataverse: the application user
+    "dataverse_unauthorized": (
+        "Dataverse at {url} refused the token: create an application user for client id {client_id} in "
+        "that environment (" + PORTAL_APP_USERS + " > New app user), and check DATAVERSE_URL names that "
+        "environment."
+    ),
+    "dataverse_forbidden": (
+        "The application user (or the user acted for) lacks a privilege on this table: give the "
+        "application user a security role that covers it (" + PORTAL_APP_USERS + " > <the app user> > "
+        "Manage roles), make sure it is enabled, and check the actor's own roles."
+    ),
+    "impersonation_privilege_missing": (
+        "0x8004A110: the application user's security role lacks prvActOnBehalfOfAnotherUser. Add the "
+        "Delegate role to the application user (" + PORTAL_APP_USERS + " > <the app user> > Manage roles), "
+        "or enable 'Act on Behalf of Another User' (Business Management tab) in its custom role ("
+        + PORTAL_SECURITY_ROLES + ")."
+    ),
+    "dataverse_unreachable": "Cannot reach {url}: check DATAVERSE_URL (https://<org>.crm.dynamics.com) and "
+                             "the network; the job is retried.",
+    "dataverse_unavailable": "Dataverse answered 5xx; it is retried, replay from -poison if it persists.",
+    "dataverse_throttled": "Dataverse is throttling this application user (service protection limits); it "
+                           "is retried, lower the load if it persists.",
+    "dataverse_malformed_response": "Dataverse (or a proxy in front of it) answered something that is not "
+                                    "Dataverse JSON; check DATAVERSE_URL points at the environment itself.",
+    "dataverse_error": "Dataverse refused the request: see the Dataverse code in the detail.",
+    # Dataverse: the job
+    "dataverse_bad_request": "Dataverse refused the job's data (400): read the detail, fix the job and "
+                             "send it again (queuectl send).",
+    "entity_not_found": (
+        "The job's entity is not an entity set of this environment: use the table's plural, lower-case "
+        "entity set name (contacts, accounts, <prefix>_<name>s), listed at {url}/api/data/v9.2/ "
+        "(EntitySetName of EntityDefinitions), fix the job and send it again."
+    ),
+    "invalid_column": (
+        "The job's data names a column the table does not have: use the column's logical name (Power Apps "
+        "(https://make.powerapps.com) > Tables > <table> > Columns > <column> > Advanced options > "
+        "Logical name), fix the job and send it again."
+    ),
+    "record_not_found": "The record the job updates does not exist: create it first (upsert creates it), or "
+                        "check the key.",
+    "precondition_failed": "Another record already holds this alternate key, or the record changed: check "
+                           "the key values, fix the job and send it again.",
+    # the job itself
+    "invalid_json": "The message is not JSON: fix the sender.",
+    "invalid_job": "The job breaks the contract (see details for the field): fix the sender.",
+    "job_too_large": "A job is at most 48 KiB of JSON: send large values some other way.",
+    "dead_letter_too_large": "The job is too close to the size limit to be dead-lettered: it stays in "
+                             "-poison; fix it and send it again.",
+    "sync_error": "See the detail above.",
+    # the actor
+    "actor_not_found": "No Dataverse user has that email (internalemailaddress): check the address, or add "
+                       "the user to the environment (Power Platform admin center > Manage > Environments > "
+                       "<your environment> > Settings > Users + permissions > Users).",
+    "actor_ambiguous": "Several Dataverse users share that email; act as them by systemUserId instead.",
+    "actor_disabled": "That user is disabled in Dataverse; enable them or act as someone else.",
+    "actor_not_interactive": "That user cannot be acted for (not an interactive user, accessmode != 0); act "
+                             "as a person instead.",
+    "actor_application_user": "That user is an application user; omit actAs to write as the application "
+                              "user itself, or act as a person.",
+    "impersonation_not_applied": (
+        "Dataverse ignored the caller header and ran the request as the application user: the impersonated "
+        "user is unknown to Dataverse or cannot be impersonated (check the user is enabled and has a "
+        "security role)."
+    ),
+    # reconciliation
+    "roster_invalid": "Upload reconciliation/roster.csv again as CSV with a header row holding email "
+                      "(optional externalId).",
+    "snapshot_invalid": "Delete reconciliation/users/latest.json: the next run writes a fresh snapshot.",
+    # webhook answers
+    "invalid_source": "Use a {source} of 1-64 of A-Z a-z 0-9 . _ - in the webhook URL.",
+    "signature_missing": "Sign the request: X-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256>.",
+    "signature_malformed": "Send X-Signature as t=<unix seconds>,v1=<hex HMAC-SHA256> (several v1= allowed).",
+    "signature_expired": "Sign each request when it is sent: t must be within 300 s of the server's clock "
+                         "(check the sender's clock).",
+    "signature_invalid": "Sign the exact bytes sent with the current key from Key Vault secret "
+                         "WEBHOOK_SECRET_NAME, within 300 s of the server's clock.",
+    "payload_too_large": "A webhook body is at most 1 MiB: send fewer jobs per call.",
+    "unsupported_media_type": "Send Content-Type: application/json.",
+    "signing_key_unavailable": "The webhook signing key cannot be read from Key Vault: run /api/diagnostics "
+                               "and fix the webhook_secret step.",
+}
+"""One fix text per error code: what an operator does about it.  Used where the error is raised and by
+``/api/diagnostics``, so the same problem never gets two different portal paths.  ``{name}`` fields are
+filled by :func:`fix_for` (unknown ones stay visible as ``<SETTING_NAME>``)."""
+
+_FIX_DEFAULTS = {
+    "client_id": "<DATAVERSE_CLIENT_ID>",
+    "tenant_id": "<DATAVERSE_TENANT_ID>",
+    "secret": "<DATAVERSE_CLIENT_SECRET_NAME>",
+    "vault": "<KEY_VAULT_URL>",
+    "url": "<DATAVERSE_URL>",
+    "setting": "<the setting named in the detail>",
+    "source": "{source}",
+}
+
+
+def fix_for(code: str, **values: str | None) -> str:
+    """The fix text of ``code`` with the operator's own values filled in (never a secret: names only)."""
+    template = FIXES.get(code)
+    if template is None:
+        return f"{code}: see the detail above."
+    filled = _FIX_DEFAULTS | {name: value for name, value in values.items() if value}
+    return template.format_map(filled)

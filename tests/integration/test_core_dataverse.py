@@ -172,6 +172,21 @@ def test_conditional_writes(sandbox_env: SandboxClient) -> None:
     assert sandbox_env.records("contacts") == []
 
 
+def test_errors_name_the_cause_entity_and_column(sandbox_env: SandboxClient) -> None:
+    """A table that does not exist and a column that does not exist each get their own reason."""
+    dataverse = get_runtime().dataverse
+    with pytest.raises(DataverseError) as info:
+        dataverse.upsert("contactz", str(uuid.uuid4()), {"firstname": "Ada"})
+    assert (info.value.code, info.value.status, info.value.transient) == ("entity_not_found", 404, False)
+    assert "no entity set 'contactz'" in info.value.message
+    with pytest.raises(DataverseError) as info:
+        dataverse.upsert("contacts", {"emailaddress1": "ada@example.com"},
+                         {"firstname": "Ada", "colour": "x"})
+    assert (info.value.code, info.value.status, info.value.transient) == ("invalid_column", 400, False)
+    assert info.value.details[0]["field"] == "data.colour"
+    assert sandbox_env.records("contacts") == []
+
+
 def test_affinity_cookie_is_not_sent_back(sandbox_env: SandboxClient) -> None:
     dataverse = get_runtime().dataverse
     for _ in range(3):

@@ -595,3 +595,21 @@ def test_entity_definitions_for_the_python_sdk(dv: Dataverse) -> None:
     assert picklists.json()["value"] == []
     keys = dv.call("GET", "EntityDefinitions(LogicalName='account')/Keys").json()["value"]
     assert [k["KeyAttributes"] for k in keys] == [["accountnumber"]]
+
+
+def test_a_write_naming_an_unknown_column_is_refused_as_dataverse_does(dv: Dataverse) -> None:
+    """Dataverse's OData payload reader refuses a column the table does not have (no record is written):
+    the emulator must too, or a typo in a job would pass every local test and fail in Azure."""
+    for method, path in (("POST", "contacts"), ("PATCH", f"contacts({uuid.uuid4()})")):
+        refused = dv.call(method, path, json={"firstname": "Ada", "colour": "red"})
+        assert refused.status_code == 400
+        error = error_of(refused)
+        assert error["code"] == "0x80048d19"
+        assert error["message"].startswith(
+            "Error identified in Payload provided by the user for Entity :'contacts'")
+        assert error["message"].endswith(
+            "The property 'colour' does not exist on type 'Microsoft.Dynamics.CRM.contact'. Make sure to "
+            "only use property names that are defined by the type or mark the type as open type.")
+    assert dv.sandbox.records("contacts") == []
+    assert dv.call("POST", "contacts", json={"firstname": "Ada", "jobtitle": "Countess"}).status_code == 204
+    assert dv.call("POST", "accounts", json={"name": "A", "colour": "red"}).status_code == 400

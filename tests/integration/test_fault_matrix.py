@@ -253,6 +253,14 @@ def secret_reads(n: int) -> Callable[[Ctx, dict[str, dict[str, int]]], None]:
     return check
 
 
+def dead_letter_says(fragment: str) -> Callable[[Ctx, dict[str, dict[str, int]]], None]:
+    def check(ctx: Ctx, counters: dict[str, dict[str, int]]) -> None:
+        record = DELIVERIES[-1].dead_letter
+        assert record is not None and fragment in record["detail"], record
+
+    return check
+
+
 def writes_sent(n: int) -> Callable[[Ctx, dict[str, dict[str, int]]], None]:
     def check(ctx: Ctx, counters: dict[str, dict[str, int]]) -> None:
         assert counters["dataverse"].get("PATCH contacts", 0) == n
@@ -308,6 +316,12 @@ ROWS: list[Row] = [
         arrange=lambda ctx: ctx.sandbox.set_privilege(impersonation=False), records=0, author=None),
     Row("dataverse-404-update-missing", (DeadLettered("record_not_found"),),
         message=job(operation="update", key=RECORD_ID), records=0, author=None),
+    # A job naming a table or a column that does not exist: its own reason, naming what is missing.
+    Row("dataverse-404-entity-not-found", (DeadLettered("entity_not_found"),),
+        message=job(entity="contactz"), records=0, author=None, check=dead_letter_says("'contactz'")),
+    Row("dataverse-400-unknown-column", (DeadLettered("invalid_column"),),
+        message=job(data={"firstname": "Ada", "colour": "red"}), records=0, author=None,
+        check=dead_letter_says("data.colour: ")),
     Row("dataverse-404-delete-already-gone", (W0,),
         message=job(operation="delete", key=RECORD_ID, data=None), records=0, author=None),
     Row("dataverse-412-create-exists", (W, W0),

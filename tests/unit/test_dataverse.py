@@ -677,3 +677,66 @@ def test_filter_literals_round_trip_through_the_emulators_parser(value: str) -> 
     decoded = unquote(query.split("=", 1)[1], errors="strict")
     expr = parse_filter(decoded)
     assert expr.value == value  # type: ignore[union-attr]
+
+
+# --- errors that name the cause (issue 11) --------------------------------------------------------
+
+PAYLOAD_UNKNOWN_COLUMN = (
+    "Error identified in Payload provided by the user for Entity :'contacts', For more information on this "
+    "error please follow this help link https://go.microsoft.com/fwlink/?linkid=2195293  ---->  "
+    "InnerException : Microsoft.OData.ODataException: The property 'colour' does not exist on type "
+    "'Microsoft.Dynamics.CRM.contact'. Make sure to only use property names that are defined by the type "
+    "or mark the type as open type."
+)
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        ("0x80048d19", PAYLOAD_UNKNOWN_COLUMN),  # today's answers: the OData reader's text, wrapped
+        ("0x80060888", "The property 'colour' does not exist on type 'Microsoft.Dynamics.CRM.contact'. "
+                       "Make sure to only use property names that are defined by the type."),
+    ],
+)
+def test_an_unknown_column_is_invalid_column_naming_it(
+    client: DataverseClient, mock: responses.RequestsMock, code: str, message: str
+) -> None:
+    mock.patch(f"{API}contacts({RECORD})", status=400, json=error_body(code, message))
+    with pytest.raises(DataverseError) as info:
+        client.upsert("contacts", RECORD, {"firstname": "Ada", "colour": "red"})
+    err = info.value
+    assert (err.code, err.transient, err.status) == ("invalid_column", False, 400)
+    assert err.message.startswith("data.colour: ")
+    assert "has no column 'colour'" in err.message
+    assert err.details[0] == {"field": "data.colour", "message": "Microsoft.Dynamics.CRM.contact has no "
+                                                                 "column 'colour'"}
+
+
+def test_other_payload_errors_stay_bad_requests(
+    client: DataverseClient, mock: responses.RequestsMock
+) -> None:
+    mock.patch(f"{API}contacts({RECORD})", status=400, json=error_body(
+        "0x80048d19", "Error identified in Payload ... Cannot convert the literal 'x' to the expected type "
+        "'Edm.Int32'."))
+    with pytest.raises(DataverseError) as info:
+        client.upsert("contacts", RECORD, {"numberofchildren": "x"})
+    assert info.value.code == "dataverse_bad_request"
+
+
+@pytest.mark.parametrize("code", ["0x80060888", "0x8006088a"])
+def test_an_unknown_entity_set_is_entity_not_found(
+    client: DataverseClient, mock: responses.RequestsMock, code: str
+) -> None:
+    mock.patch(f"{API}contactz({RECORD})", status=404,
+               json=error_body(code, "Resource not found for the segment 'contactz'."))
+    with pytest.raises(DataverseError) as info:
+        client.upsert("contactz", RECORD, {"firstname": "Ada"})
+    err = info.value
+    assert (err.code, err.transient) == ("entity_not_found", False)
+    assert "no entity set 'contactz'" in err.message
+    # a missing RECORD keeps its own reason
+    mock.patch(f"{API}contacts({RECORD})", status=404,
+               json=error_body("0x80040217", f"contact With Id = {RECORD} Does Not Exist"))
+    with pytest.raises(DataverseError) as info:
+        client.update("contacts", RECORD, {"firstname": "Ada"})
+    assert info.value.code == "record_not_found"

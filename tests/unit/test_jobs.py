@@ -418,6 +418,8 @@ def test_actor_failures_are_dead_lettered(act_as: dict[str, str], reason: str) -
             "impersonation_privilege_missing",
         ),
         (DataverseError("gone", status=404, dataverse_code="0x80040217"), "record_not_found"),
+        (DataverseError("no set", status=404, dataverse_code="0x80060888"), "entity_not_found"),
+        (DataverseError("data.x: no column", status=400, code="invalid_column"), "invalid_column"),
         (DataverseError("etag", status=412), "precondition_failed"),
         (ImpersonationNotApplied("ran as app user"), "impersonation_not_applied"),
     ],
