@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from shared.contract import is_guid
-from shared.errors import ActorError, ConfigurationError, SyncError
+from shared.errors import ActorError, SyncError, fix_for
 from shared.logs import redact
 
 if TYPE_CHECKING:
@@ -48,73 +48,16 @@ STEPS = (
 
 
 def _fix(error: SyncError, settings: Settings | None) -> str:
-    """What an operator should do about ``error``; never contains a secret."""
-    code = error.code
-    client = settings.client_id if settings else "<DATAVERSE_CLIENT_ID>"
-    tenant = settings.tenant_id if settings else "<DATAVERSE_TENANT_ID>"
-    secret = settings.client_secret_name if settings else "<DATAVERSE_CLIENT_SECRET_NAME>"
-    vault = settings.key_vault_url if settings else "<KEY_VAULT_URL>"
-    url = settings.dataverse_url if settings else "<DATAVERSE_URL>"
-    if isinstance(error, ConfigurationError):
-        return (
-            f"Set {error.setting} in the Function App's application settings "
-            "(locally: local.settings.json, see local.settings.example.json)."
-        )
-    fixes = {
-        "managed_identity_not_configured": (
-            "Enable the Function App's managed identity (system-assigned, or a user-assigned one with "
-            "AZURE_CLIENT_ID set to its client id). Locally, run the devstack or `az login`."
-        ),
-        "managed_identity_unavailable": "The identity endpoint did not answer; retry later.",
-        "keyvault_forbidden": (
-            f"Grant the Function App's managed identity the 'Key Vault Secrets User' role on {vault} "
-            "(or 'get' on secrets with access policies), and allow the app through the vault's firewall."
-        ),
-        "keyvault_secret_not_found": (
-            f"Create the secret {secret} in {vault} with the app registration's client secret VALUE, "
-            "or set DATAVERSE_CLIENT_SECRET_NAME to the secret's name."
-        ),
-        "keyvault_unavailable": f"{vault} did not answer; check KEY_VAULT_URL, the network path, and retry.",
-        "entra_invalid_client": (
-            f"AADSTS7000215/7000222: the client secret in Key Vault secret {secret} is wrong or expired. "
-            f"Create a new client secret on app registration {client} and store its VALUE (not its id) "
-            "as a new version of that secret; the app picks it up without a restart."
-        ),
-        "entra_unauthorized_client": (
-            f"AADSTS700016: DATAVERSE_CLIENT_ID {client} is not an application in tenant {tenant}. "
-            "Check the client id and DATAVERSE_TENANT_ID on the app registration's overview page."
-        ),
-        "entra_invalid_tenant": (
-            f"AADSTS90002: DATAVERSE_TENANT_ID {tenant} is not a tenant. Use the Directory (tenant) id "
-            "from the app registration's overview page."
-        ),
-        "entra_unavailable": "Entra ID did not answer; check AZURE_AUTHORITY_HOST and the network, retry.",
-        "dataverse_unauthorized": (
-            f"Dataverse at {url} refused the token: create an application user for client id {client} in "
-            "that environment (Power Platform admin center > Environments > Settings > Users + "
-            "permissions > Application users), and check DATAVERSE_URL names that environment."
-        ),
-        "dataverse_forbidden": (
-            "The application user exists but cannot act: give it a security role and make sure it is "
-            "enabled."
-        ),
-        "impersonation_privilege_missing": (
-            "0x8004A110: the application user's security role lacks prvActOnBehalfOfAnotherUser. Add the "
-            "Delegate role to the application user, or enable 'Act on Behalf of Another User' "
-            "(Business Management tab) in its custom role."
-        ),
-        "dataverse_unreachable": f"Cannot reach {url}: check DATAVERSE_URL (https://<org>.crm.dynamics.com).",
-        "dataverse_unavailable": "Dataverse answered 5xx; retry later.",
-        "dataverse_throttled": "Dataverse is throttling this application user; retry later.",
-        "actor_not_found": "No Dataverse user has that email (internalemailaddress); check the address.",
-        "actor_ambiguous": "Several Dataverse users share that email; act as them by systemUserId instead.",
-        "actor_disabled": "That user is disabled in Dataverse; enable them or act as someone else.",
-        "impersonation_not_applied": (
-            "Dataverse ignored the caller header and ran the request as the application user: the "
-            "impersonated user is unknown to Dataverse or cannot be impersonated."
-        ),
-    }
-    return fixes.get(code, f"{code}: see the detail above.")
+    """What an operator should do about ``error``: the one fix text of its code (shared.errors.FIXES),
+    with this app's names filled in; never contains a secret."""
+    values: dict[str, str | None] = {"setting": getattr(error, "setting", None)}
+    if settings is not None:
+        values |= {
+            "client_id": settings.client_id, "tenant_id": settings.tenant_id,
+            "secret": settings.client_secret_name, "vault": settings.key_vault_url,
+            "url": settings.dataverse_url,
+        }
+    return fix_for(error.code, **values)
 
 
 def _claims(token: str) -> dict[str, Any]:
