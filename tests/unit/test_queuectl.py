@@ -442,3 +442,35 @@ def test_dry_run_says_when_it_could_not_see_everything(monkeypatch: pytest.Monke
     _fill(storage, "dynamics-sync-poison", 3)
     _, out = run(storage, "replay", "poison", "--dry-run", monkeypatch=monkeypatch)
     assert "peeked only" not in out
+
+
+def test_the_installed_layout_runs_from_any_directory(tmp_path: Path) -> None:
+    """What `pip install .` puts on sys.path — exactly the packages pyproject lists — is enough for the
+    `queuectl` entry point, run from a directory that is not the checkout.  (pip itself is not run: it
+    would need the network for its build backend; pyproject's entry is checked above.)"""
+    import shutil
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    site = tmp_path / "site-packages"
+    for package in project["tool"]["setuptools"]["packages"]:
+        shutil.copytree(REPO / package, site / package, ignore=shutil.ignore_patterns("__pycache__"))
+    module, _, function = project["project"]["scripts"]["queuectl"].partition(":")
+    # the wrapper pip writes into bin/queuectl
+    launcher = f"import sys; from {module} import {function}; sys.exit({function}())"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", *STORAGE_ENV)}
+    env["PYTHONPATH"] = str(site)
+    done = subprocess.run([sys.executable, "-c", launcher, "--help"], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "usage: queuectl" in done.stdout, done.stderr
+    broken = elsewhere / "broken.json"
+    broken.write_text("{")
+    done = subprocess.run([sys.executable, "-c", launcher, "send", "broken.json"], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == queuectl.EXIT_USAGE and "not valid JSON" in done.stderr, done.stderr
+    probe = "import tools.queuectl, shared.jobs; print(tools.queuectl.__file__, shared.jobs.__file__)"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.split() == [str(site / "tools" / "queuectl.py"), str(site / "shared" / "jobs.py")]
