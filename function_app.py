@@ -118,7 +118,7 @@ def _blob_bytes(blob: Any) -> bytes | str | None:
 def sync_job(msg: func.QueueMessage, deadletter: func.Out[str]) -> None:
     """Write one job; a permanent failure -> -deadletter, a transient one raises (retry, then -poison)."""
     log.info("job message %s dequeue_count=%s", msg.id, msg.dequeue_count)
-    outcome = process_message(msg.get_body())
+    outcome = process_message(msg.get_body(), _runtime)
     if outcome.dead_letter is not None:
         deadletter.set(dumps(outcome.dead_letter))  # the text whose size process_message checked
 

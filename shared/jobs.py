@@ -528,14 +528,11 @@ def _original(body: str | bytes) -> object:
         return text.encode("utf-8", errors="backslashreplace").decode("utf-8")
 
 
-def _default_runtime() -> Runtime:
-    from shared.runtime import get_runtime
-
-    return get_runtime()
-
-
-def process_message(body: str | bytes, runtime: Callable[[], Runtime] = _default_runtime) -> JobOutcome:
+def process_message(body: str | bytes, runtime: Callable[[], Runtime]) -> JobOutcome:
     """One delivery of one message.  Returns success or a dead-letter record; raises to have it retried.
+
+    The caller hands in the runtime, as it does to ``run_reconciliation``; as a factory, called only once
+    the message is a valid job, so a malformed message is dead-lettered even when settings are missing.
 
     A dead-letter record that would not fit on a queue (a near-limit job full of characters JSON must
     escape) is not truncated: the function raises, and the host keeps the original in ``-poison``.

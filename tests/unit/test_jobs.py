@@ -469,6 +469,22 @@ def test_missing_setting_raises() -> None:
         process_message(json.dumps(job()), broken)  # type: ignore[arg-type]
 
 
+def test_the_caller_hands_in_the_runtime_and_a_bad_message_never_builds_it() -> None:
+    """As run_reconciliation: the trigger passes the runtime (a factory), shared/ never fetches a global."""
+    import inspect
+
+    assert inspect.signature(process_message).parameters["runtime"].default is inspect.Parameter.empty
+    built: list[int] = []
+
+    def factory() -> FakeRuntime:
+        built.append(1)
+        raise ConfigurationError("DATAVERSE_URL", "is required", code="setting_missing")
+
+    outcome = process_message("{not json", factory)  # type: ignore[arg-type]
+    assert outcome.dead_letter is not None and outcome.dead_letter["reason"] == "invalid_json"
+    assert built == []
+
+
 def test_unexpected_exception_raises_and_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     runtime = FakeRuntime(dataverse=FakeDataverse(fail=RuntimeError("bug")))
     with caplog.at_level(logging.INFO, logger="shared.jobs"), pytest.raises(RuntimeError):
