@@ -36,6 +36,7 @@ from typing import Any
 from bench.report import REQUEST_KIND
 from bench.stack import ROOT, StackProcess
 from devstack.control import SandboxClient
+from devstack.processes import spawn
 
 QUEUE = "dynamics-sync"
 DEAD_LETTER = f"{QUEUE}-deadletter"
@@ -295,7 +296,7 @@ def start_host(stack: StackProcess, sbx: SandboxClient,
         "DATAVERSE_TIMEOUT_SECONDS": str(CLIENT_TIMEOUT_SECONDS),
     }
     log = open(log_path, "wb")  # noqa: SIM115 (closed after the host exits)
-    process = subprocess.Popen(
+    process = spawn(  # dies with the soak
         [sys.executable, "-m", "devstack.host", "--port", "0", "--ready-file", str(ready),
          "--settings", str(ready.parent / "none.json")],
         cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,

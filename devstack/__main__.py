@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -29,7 +28,8 @@ from typing import Any
 import requests
 from flask import Flask
 
-from devstack import azurite, control, entra, identity, keyvault, tls, web
+from devstack import azurite, control, dataverse, entra, identity, keyvault, tls, web
+from devstack.processes import spawn
 from devstack.sandboxes import DEFAULT_SANDBOX_ID, DEFAULT_TENANT_ID, Registry
 
 log = logging.getLogger("devstack")
@@ -37,17 +37,6 @@ log = logging.getLogger("devstack")
 FIXED_PORTS = {"identity": 7072, "entra": 7073, "keyvault": 7074, "dataverse": 7075, "control": 7076}
 TLS_SERVICES = frozenset({"entra", "keyvault", "dataverse"})
 HOST = "127.0.0.1"
-
-
-def _dataverse_factory() -> Callable[[Registry], Flask] | None:
-    try:
-        module = importlib.import_module("devstack.dataverse")
-    except ModuleNotFoundError as error:
-        if error.name != "devstack.dataverse":
-            raise
-        return None
-    factory = getattr(module, "create_app", None)
-    return factory if callable(factory) else None
 
 
 class RunningStack:
@@ -58,7 +47,7 @@ class RunningStack:
         self.state_dir = state_path.parent
         self.fixed_ports = fixed_ports
         self.with_azurite = with_azurite
-        self.registry = Registry()
+        self.registry = Registry(org_factory=dataverse.Org)
         self.servers: dict[str, web.ServerHandle] = {}
         self.azurite: azurite.Azurite | None = None
         self._wrote_state = False
@@ -77,18 +66,13 @@ class RunningStack:
                 "entra": entra.create_app(self.registry),
                 "keyvault": keyvault.create_app(self.registry),
                 "control": control.create_app(self.registry),
+                "dataverse": dataverse.create_app(self.registry),
             }
-            dataverse = _dataverse_factory()
-            if dataverse is not None:
-                apps["dataverse"] = dataverse(self.registry)
             for name, app in apps.items():
                 port = FIXED_PORTS[name] if self.fixed_ports else 0
                 handle = web.serve(app, HOST, port, tls=name in TLS_SERVICES)
                 self.servers[name] = handle
                 self.registry.urls[name] = handle.url
-            if "dataverse" not in self.registry.urls:
-                # Tokens for it still work; only the emulator itself is missing.
-                self.registry.urls["dataverse"] = f"https://{HOST}:{FIXED_PORTS['dataverse']}"
             self.registry.create(sandbox_id=DEFAULT_SANDBOX_ID)
             self._wait_until_answering()
             if self.azurite is not None:
@@ -212,7 +196,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
             env = dict(os.environ)
             env["DEVSTACK_STATE"] = str(stack.state_path)
             env["REQUESTS_CA_BUNDLE"] = str(stack.registry.ca_bundle)
-            child = subprocess.Popen(command, env=env)
+            child = spawn(command, env=env)  # a killed `devstack exec` takes its command with it
             def wait_child() -> None:
                 child.wait()
                 stop.event.set()

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from devstack.processes import spawn
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCOUNT = "devstoreaccount1"
@@ -42,13 +41,6 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
-
-
-def _die_with_parent() -> None:
-    """Linux: the child gets SIGTERM if the stack dies without cleaning up (no orphaned Azurite)."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -122,8 +114,8 @@ def start(workspace: str | os.PathLike[str], ports: tuple[int, int, int] | None 
         "--queueHost", host, "--queuePort", str(queue),
         "--tableHost", host, "--tablePort", str(table),
     ]
-    process = subprocess.Popen(
+    # dies with the stack even when the stack is killed without cleaning up (no orphaned Azurite)
+    process = spawn(
         command, cwd=location, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=sys.stderr,
-        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
     )
     return Azurite(process, host, int(blob), int(queue), int(table))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import re
@@ -41,6 +40,7 @@ import requests
 from devstack import azurite
 from devstack.control import SandboxClient, Stack
 from devstack.host import DEFAULT_FUNCTION_KEY, DEFAULT_MASTER_KEY
+from devstack.processes import spawn
 from devstack.sandboxes import WEBHOOK_SECRET_NAME
 
 if TYPE_CHECKING:
@@ -292,13 +292,6 @@ def check_records(plan: Sequence[Planned], records: Sequence[Mapping[str, Any]],
 # --------------------------------------------------------------------------- child processes
 
 
-def _die_with_parent() -> None:
-    """Linux: the child gets SIGTERM if the demo dies without cleaning up (no orphans even on SIGKILL)."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class Child:
     """A child process whose merged output goes to a log file and is watched for lines.
 
@@ -313,10 +306,9 @@ class Child:
         self._lines: deque[str] = deque(maxlen=4000)
         self._changed = threading.Condition()
         self._exited = False
-        self.process = subprocess.Popen(
-            list(argv), cwd=ROOT, env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        self.process = spawn(  # dies with the demo, even on SIGKILL (no orphans holding the ports)
+            argv, cwd=ROOT, env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace", start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         self._reader = threading.Thread(target=self._read, name=f"{name}-output", daemon=True)
         self._reader.start()

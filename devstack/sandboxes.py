@@ -7,13 +7,12 @@ needs no test hooks: only the settings differ between sandboxes.
 
 from __future__ import annotations
 
-import importlib
 import re
 import secrets as _random
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -43,6 +42,10 @@ class OrgLike(Protocol):
     """What the stack needs from the Dataverse state (devstack.dataverse.Org implements much more)."""
 
     def users_wire(self) -> list[dict[str, Any]]: ...
+
+
+OrgFactory = Callable[["Sandbox", str, int], OrgLike]
+"""Builds the Dataverse state of a new sandbox: ``(sandbox, seed, users) -> organisation``."""
 
 
 class Counters:
@@ -136,26 +139,17 @@ class ClientSecret:
         return self.expires_at is not None and (time.time() if now is None else now) >= self.expires_at
 
 
-class _PlaceholderOrg:
-    """Stands in while devstack.dataverse is absent, so identity/Entra/Key Vault work alone."""
+class NoDataverse:
+    """The organisation of a registry built without the Dataverse emulator (tests of identity, Entra and
+    Key Vault alone): no users, no tables."""
 
-    def __init__(self, sandbox: Sandbox, seed: str, users: int) -> None:
+    def __init__(self, sandbox: Sandbox, seed: str = "default", users: int = 0) -> None:
         self.sandbox = sandbox
         self.seed = seed
         self.user_count = users
 
     def users_wire(self) -> list[dict[str, Any]]:
         return []
-
-
-def _org_factory() -> Any:
-    try:
-        dataverse = importlib.import_module("devstack.dataverse")
-    except ModuleNotFoundError as error:
-        if error.name != "devstack.dataverse":
-            raise
-        return _PlaceholderOrg
-    return getattr(dataverse, "Org", _PlaceholderOrg)
 
 
 def _new_guid() -> str:
@@ -285,7 +279,10 @@ class Sandbox:
 class Registry:
     """All sandboxes of one stack plus the stack's token signing key. Thread-safe."""
 
-    def __init__(self, *, signing_key: bytes | None = None) -> None:
+    def __init__(self, *, signing_key: bytes | None = None, org_factory: OrgFactory = NoDataverse) -> None:
+        """``org_factory`` builds each sandbox's Dataverse organisation: the stack passes
+        ``devstack.dataverse.Org``; the default has none, for tests of the other emulators."""
+        self._org_factory = org_factory
         self._lock = threading.RLock()
         self._by_id: dict[str, Sandbox] = {}
         self._by_tenant: dict[str, Sandbox] = {}
@@ -337,7 +334,7 @@ class Registry:
         sandbox.set_client_secret(client_secret)
         sandbox.set_secret(CLIENT_SECRET_NAME, client_secret)
         sandbox.set_secret(WEBHOOK_SECRET_NAME, webhook_secret)
-        sandbox.org = _org_factory()(sandbox, seed, users)
+        sandbox.org = self._org_factory(sandbox, seed, users)
         with self._lock:
             if sandbox.id in self._by_id:
                 raise ValueError(f"sandbox {sandbox.id!r} already exists")

@@ -131,3 +131,20 @@ def test_counters_snapshot_is_a_copy(registry: Registry) -> None:
     sandbox.counters.reset()
     assert sandbox.counters.snapshot()["keyvault"] == {}
     assert time.time() >= sandbox.created
+
+
+def test_the_registry_builds_organisations_with_the_factory_it_is_given() -> None:
+    """The stack injects devstack.dataverse.Org; nothing is looked up by module name at run time."""
+    from devstack.dataverse import Org
+    from devstack.sandboxes import NoDataverse
+
+    calls: list[tuple[str, str, int]] = []
+
+    def factory(sandbox: object, seed: str, users: int) -> NoDataverse:
+        calls.append((getattr(sandbox, "id", ""), seed, users))
+        return NoDataverse(sandbox, seed, users)  # type: ignore[arg-type]
+
+    sandbox = Registry(org_factory=factory).create(seed="empty", users=3, sandbox_id="sbx-x")
+    assert calls == [("sbx-x", "empty", 3)] and isinstance(sandbox.org, NoDataverse)
+    assert isinstance(Registry(org_factory=Org).create(seed="empty").org, Org)
+    assert Registry().create().org.users_wire() == []

@@ -23,7 +23,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def org(clock: Clock) -> Org:
-    sandbox = Registry().create(seed="empty")
+    sandbox = Registry(org_factory=Org).create(seed="empty")
     assert isinstance(sandbox.org, Org)
     sandbox.org.clock = clock
     return sandbox.org
