@@ -38,6 +38,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+# the one GUID/email check and the actAs names (re-exported: callers have imported them from here)
+from shared.contract import ACT_AS_FIELDS as ACT_AS_FIELDS
+from shared.contract import is_email_address as is_email_address
+from shared.contract import is_guid as is_guid
 from shared.errors import (
     ActorError,
     AuthError,
@@ -61,7 +65,6 @@ MAX_JOB_BYTES = 48 * 1024
 
 OPERATIONS = ("create", "update", "upsert", "delete")
 FIELDS = ("id", "entity", "operation", "key", "data", "actAs", "source")
-ACT_AS_FIELDS = ("email", "systemUserId", "azureAdObjectId")
 
 JOB_NAMESPACE = uuid.UUID("5b0c7c8e-2f4a-5d8e-9a57-3c1d0e6f9b21")
 """Fixed forever: changing it would make replays of old keyless creates create duplicates."""
@@ -72,23 +75,6 @@ SOURCE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 # Alternate keys may include lookup columns, which Dataverse names _<column>_value.
 _KEY_PROPERTY = re.compile(r"_?[a-z][a-z0-9_]*")
-_GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-_EMAIL = re.compile(r"[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+")
-_MAX_EMAIL = 254
-
-
-def is_email_address(value: object) -> bool:
-    """A deliberately loose check: one ``@``, something on each side, no spaces; quotes are fine (o'brien)."""
-    return (
-        isinstance(value, str)
-        and len(value) <= _MAX_EMAIL
-        and _EMAIL.fullmatch(value) is not None
-        and not value.endswith(".")
-    )
-
-
-def is_guid(value: object) -> bool:
-    return isinstance(value, str) and _GUID.fullmatch(value) is not None
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import json
 import logging
 import uuid
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -595,3 +596,15 @@ def test_two_sources_same_job_id_write_two_records() -> None:
     keys = [str(call.key) for call in runtime.dataverse.calls]
     assert len(keys) == 3
     assert keys[0] == keys[2] != keys[1]  # crm twice: one record; erp: its own
+
+
+def test_one_set_of_guid_and_email_validators() -> None:
+    """The job parser checks GUIDs and emails with shared.contract's functions, not copies of them."""
+    import shared.contract
+    import shared.jobs
+
+    assert shared.jobs.is_guid is shared.contract.is_guid
+    assert shared.jobs.is_email_address is shared.contract.is_email_address
+    assert shared.jobs.ACT_AS_FIELDS is shared.contract.ACT_AS_FIELDS
+    source = Path(shared.jobs.__file__).read_text(encoding="utf-8")
+    assert "re.compile(r\"[0-9a-fA-F]{8}" not in source
