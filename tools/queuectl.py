@@ -287,6 +287,8 @@ def peek_notes(*, name: str, kind: str, total: int | None, shown: int, asked: in
 def cmd_peek(storage: Storage, queues: Queues, args: argparse.Namespace, out: TextIO) -> int:
     from azure.core.exceptions import ResourceNotFoundError
 
+    from shared.errors import FIXES, fix_for
+
     report = Report(out, args.json)
     name = queues.named(args.queue)
     kind = args.queue if args.queue in ("deadletter", "poison", "sync") else "other"
@@ -308,6 +310,8 @@ def cmd_peek(storage: Storage, queues: Queues, args: argparse.Namespace, out: Te
         }
         if kind == "poison" and view.get("jobId"):
             view["logQuery"] = f'traces | where message has "job={view["jobId"]}"'
+        if isinstance(view.get("reason"), str) and view["reason"] in FIXES:
+            view["fix"] = fix_for(view["reason"])  # the text /api/diagnostics gives for the same code
         views.append(view)
     notes = peek_notes(name=name, kind=kind, total=total, shown=len(views), asked=args.n)
     report.result({"queue": name, "exists": True, "approximateCount": total, "messages": views,
@@ -316,6 +320,9 @@ def cmd_peek(storage: Storage, queues: Queues, args: argparse.Namespace, out: Te
     for view in views:
         note = "" if view["base64"] else "  (not base64: the host sends this to -poison untouched)"
         report.say(f"  {view['messageId']}  x{view['dequeueCount']}  {_line(view)}{note}")
+    fixes = {view["reason"]: view["fix"] for view in views if "fix" in view}
+    for reason, text in sorted(fixes.items()):
+        report.say(f"  fix for {reason}: {text}")
     for text in notes:
         report.say(f"  note: {text}")
     return EXIT_OK

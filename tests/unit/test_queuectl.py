@@ -426,7 +426,7 @@ def test_long_lines_are_cut_between_words(monkeypatch: pytest.MonkeyPatch) -> No
     storage.queue("dynamics-sync-deadletter").add(queuectl.encode(json.dumps(
         {"job": JOB, "reason": "actor_disabled", "detail": detail, "failedAt": "2024-05-01T06:00:00Z"})))
     _, out = run(storage, "peek", "deadletter", monkeypatch=monkeypatch)
-    [line] = [text for text in out.splitlines() if "actor_disabled" in text]
+    [line] = [text for text in out.splitlines() if "actor_disabled" in text and "[failed" in text]
     shown = line.split("actor_disabled: ")[1].split("…")[0]
     assert detail.startswith(shown) and detail[len(shown)] == " "  # ends on a whole word
     assert "[failed 2024-05-01T06:00:00Z]" in line
@@ -474,3 +474,20 @@ def test_the_installed_layout_runs_from_any_directory(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.stdout.split() == [str(site / "tools" / "queuectl.py"), str(site / "shared" / "jobs.py")]
+
+
+def test_peek_deadletter_says_what_to_do_about_each_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared.errors import fix_for
+
+    storage = FakeStorage()
+    dead = storage.queue("dynamics-sync-deadletter")
+    for index in range(2):
+        dead.add(queuectl.encode(dead_letter(JOB | {"id": f"c{index}"}, reason="invalid_column")))
+    dead.add(queuectl.encode(dead_letter(JOB, reason="not_a_known_code")))
+    _, out = run(storage, "peek", "deadletter", monkeypatch=monkeypatch)
+    assert out.count("fix for invalid_column: ") == 1  # once per reason, not per message
+    assert fix_for("invalid_column") in out
+    assert "fix for not_a_known_code" not in out
+    _, out = run(storage, "peek", "deadletter", "--json", monkeypatch=monkeypatch)
+    messages = json.loads(out)["messages"]
+    assert [m.get("fix") for m in messages] == [fix_for("invalid_column")] * 2 + [None]
