@@ -11,6 +11,7 @@ runtime to pick its converters.  For the same reason ``Out[typing.List[str]]`` i
 
 import json
 import logging
+import math
 import typing
 import uuid
 from collections.abc import Callable
@@ -20,11 +21,12 @@ from typing import TYPE_CHECKING, Any
 import azure.functions as func
 
 import shared
-from shared import logs
+from shared import deadline, logs
 from shared.diagnostics import run_diagnostics
 from shared.errors import ActorError, ConfigurationError, SyncError
 from shared.jobs import dumps, is_email_address, process_message
 from shared.reconciliation import ROSTER_PATH, SNAPSHOT_PATH, run_reconciliation
+from shared.settings import http_max_wait_seconds
 from shared.webhooks import declared_too_large, error_body, handle_webhook
 
 if TYPE_CHECKING:
@@ -74,12 +76,25 @@ def _guarded(name: str, handler: Callable[[], func.HttpResponse]) -> func.HttpRe
     except SyncError as exc:
         log.warning("%s: %s", name, exc)
         if exc.transient:
-            return _json(503, {"error": exc.to_dict()}, {"Retry-After": "5"})
+            return _json(503, {"error": exc.to_dict()}, {"Retry-After": _retry_after(exc)})
         return _json(502, {"error": exc.to_dict()})
     except Exception:
         incident = str(uuid.uuid4())
         log.exception("%s: unexpected error (incident %s)", name, incident)
         return _error(500, "internal_error", f"unexpected error; the function's log has incident {incident}")
+
+
+def _retry_after(error: SyncError, default: str = "5") -> str:
+    """The seconds Dataverse asked for (rounded up), when the error carries them."""
+    seconds = getattr(error, "retry_after", None)
+    if isinstance(seconds, int | float) and math.isfinite(seconds):
+        return str(max(1, math.ceil(seconds)))
+    return default
+
+
+def _http_wait_limit() -> typing.ContextManager[object]:
+    """Inside it, a Dataverse wait longer than HTTP_MAX_WAIT_SECONDS becomes a 503 with Retry-After."""
+    return deadline.within(http_max_wait_seconds(), kind=deadline.HTTP, setting="HTTP_MAX_WAIT_SECONDS")
 
 
 def _runtime() -> "Runtime":
@@ -157,7 +172,8 @@ def lookup_user(req: func.HttpRequest) -> func.HttpResponse:
         if not is_email_address(email):
             return _invalid_email()
         try:
-            user = _runtime().users.by_email(email, correlation_id="lookup_user")
+            with _http_wait_limit():
+                user = _runtime().users.by_email(email, correlation_id="lookup_user")
         except ActorError as exc:
             status = 409 if exc.code == "actor_ambiguous" else 404 if exc.code == "actor_not_found" else 422
             return _json(status, {"error": exc.to_dict()})
@@ -182,8 +198,10 @@ def diagnostics(req: func.HttpRequest) -> func.HttpResponse:
         email = (req.params.get("email") or "").strip()
         if email and not is_email_address(email):
             return _invalid_email()
-        report = run_diagnostics(act_as={"email": email} if email else None)
-        return _json(200 if report["ok"] else 503, report)
+        with _http_wait_limit():
+            report = run_diagnostics(act_as={"email": email} if email else None)
+        retry = {"Retry-After": str(report["retryAfter"])} if report.get("retryAfter") else None
+        return _json(200 if report["ok"] else 503, report, retry)
 
     return _guarded("diagnostics", handle)
 

@@ -9,7 +9,9 @@ Why each rule is here:
 * Retries: 429 and 503 carry ``Retry-After`` and it is obeyed; 502/503/504, timeouts and broken
   connections back off exponentially with full jitter.  Both stop at ``DATAVERSE_MAX_RETRIES``
   retries and ``DATAVERSE_MAX_RETRY_SECONDS`` of waiting: the last error is raised as transient,
-  and the queue's own retry takes over.  A request that may have reached the server is resent
+  and the queue's own retry takes over.  A wait that would pass the invocation's deadline
+  (``shared.deadline``: a job's ``JOB_DEADLINE_SECONDS``, an HTTP trigger's ``HTTP_MAX_WAIT_SECONDS``)
+  is not started at all.  A request that may have reached the server is resent
   only when it is idempotent; a keyless ``POST`` (create) is not, so a timeout or a gateway's
   502/503/504 never creates a record twice (a 429 is safe: throttling refuses before running).
 * 401: the token is dropped and the request sent once more with a new one.
@@ -38,6 +40,7 @@ from urllib.parse import quote, urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
+from shared.deadline import current as current_deadline
 from shared.errors import DataverseError, ImpersonationNotApplied, fix_for, unknown_column
 from shared.logs import job_logger
 
@@ -287,7 +290,10 @@ class DataverseClient:
         started = self._clock()
         retries = 0
         refreshed_token = False
+        deadline = current_deadline()  # the invocation's (shared.deadline): waits never outlive it
         while True:
+            if deadline is not None:
+                deadline.check_start(label)
             token = self._tokens.get_token()
             sent_headers = self._headers(token, body is not None, headers)
             wait: float
@@ -342,6 +348,8 @@ class DataverseClient:
                     wait,
                 )
                 raise error
+            if deadline is not None:
+                deadline.check_wait(wait, f"{label} answered {status_text} ({code})", error)
             retries += 1
             log.warning(
                 "%s answered %s (code %s); retry %d/%d in %.2fs",

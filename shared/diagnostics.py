@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -118,6 +119,7 @@ class _Walk:
         self.steps: list[dict[str, Any]] = []
         self.failed: str | None = None
         self.settings: Settings | None = None
+        self.retry_after: int | None = None
 
     def run(self, name: str, action: Callable[[], str], *, blocking: bool = True) -> bool:
         if self.failed is not None:
@@ -132,6 +134,9 @@ class _Walk:
             detail = action()
         except SyncError as exc:
             ok, detail, fix = False, f"{exc.code}: {exc.message}", _fix(exc, self.settings)
+            retry_after = getattr(exc, "retry_after", None)  # Dataverse's Retry-After, for the 503
+            if exc.transient and isinstance(retry_after, int | float) and math.isfinite(retry_after):
+                self.retry_after = max(self.retry_after or 0, max(1, math.ceil(retry_after)))
         except Exception as exc:  # a diagnostic must report, not crash
             log.exception("diagnostics step %s failed unexpectedly", name)
             ok, detail = False, f"unexpected {type(exc).__name__}"
@@ -153,7 +158,10 @@ def run_diagnostics(
     identity_check: Callable[[Settings], str] = _identity_check,
     act_as: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """``{"ok", "steps": [{"name", "ok", "skipped", "ms", "detail", "fix"}]}``; never raises a SyncError.
+    """``{"ok", "steps": [...], "retryAfter"?}``; never raises a SyncError.
+
+    ``steps``: ``[{"name", "ok", "skipped", "ms", "detail", "fix"}]``; ``retryAfter`` (seconds) only
+    when a step failed on throttling that said how long to wait.
 
     ``act_as`` (``{"email": ...}`` or any ``actAs`` form) picks the user the impersonation step uses.
     """
@@ -249,5 +257,8 @@ def run_diagnostics(
     close = getattr(runtime, "close", None)
     if callable(close):
         close()
-    return {"ok": all(step["ok"] for step in walk.steps), "steps": walk.steps}
+    report: dict[str, Any] = {"ok": all(step["ok"] for step in walk.steps), "steps": walk.steps}
+    if walk.retry_after is not None:
+        report["retryAfter"] = walk.retry_after  # a step was throttled: seconds Dataverse asked for
+    return report
 

@@ -32,12 +32,14 @@ import json
 import logging
 import math
 import re
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from shared import deadline
 # the one GUID/email check and the actAs names (re-exported: callers have imported them from here)
 from shared.contract import ACT_AS_FIELDS as ACT_AS_FIELDS
 from shared.contract import is_email_address as is_email_address
@@ -523,6 +525,7 @@ def process_message(body: str | bytes, runtime: Callable[[], Runtime]) -> JobOut
     A dead-letter record that would not fit on a queue (a near-limit job full of characters JSON must
     escape) is not truncated: the function raises, and the host keeps the original in ``-poison``.
     """
+    started = time.monotonic()  # the job's deadline counts from its delivery
     try:
         job = parse_message(body)
     except InvalidJob as exc:
@@ -539,7 +542,12 @@ def process_message(body: str | bytes, runtime: Callable[[], Runtime]) -> JobOut
         ",".join(job.act_as) if job.act_as else "application", ",".join(job.data or ()),
     )
     try:
-        result = run_job(job, runtime())
+        current = runtime()
+        # Waits end by JOB_DEADLINE_SECONDS, well inside functionTimeout: a job whose invocation the
+        # host gave up on would be redelivered and run twice at once (shared.deadline).
+        with deadline.within(current.settings.job_deadline_seconds, kind=deadline.JOB,
+                             setting="JOB_DEADLINE_SECONDS", started=started):
+            result = run_job(job, current)
     except SyncError as exc:
         if exc.transient:
             jlog.warning("outcome=retry reason=%s detail=%s", exc.code, exc.message)

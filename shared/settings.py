@@ -7,11 +7,14 @@ names the code reads; the infra tests compare it with the app settings the Bicep
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from shared.errors import ConfigurationError
@@ -55,6 +58,15 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec(
         "DATAVERSE_MAX_RETRY_SECONDS", "300",
         "Total time one request may wait to retry (300 s covers one service-protection window)",
+    ),
+    SettingSpec(
+        "JOB_DEADLINE_SECONDS", "480",
+        "A job stops waiting (throttling, back-off) at this age and goes back to the queue; must leave "
+        "DATAVERSE_TIMEOUT_SECONDS before host.json's functionTimeout",
+    ),
+    SettingSpec(
+        "HTTP_MAX_WAIT_SECONDS", "5",
+        "Longest an HTTP trigger waits on Dataverse throttling before answering 503 with Retry-After",
     ),
     SettingSpec("USER_CACHE_TTL_SECONDS", "900", "How long a found user stays cached per instance"),
     SettingSpec("USER_CACHE_NEGATIVE_TTL_SECONDS", "60", "How long 'no such user' stays cached"),
@@ -113,6 +125,71 @@ def _positive(
     return number
 
 
+FUNCTION_TIMEOUT_OVERRIDE = "AzureFunctionsJobHost__functionTimeout"
+"""The app setting that overrides host.json's ``functionTimeout`` (the host's own override syntax)."""
+HOST_JSON = Path(__file__).resolve().parent.parent / "host.json"
+
+
+def parse_timespan(text: str) -> float | None:
+    """Seconds of a .NET TimeSpan ``[d.]hh:mm:ss[.fff]``; None for ``-1``/empty (no limit) or garbage."""
+    text = text.strip()
+    match = re.fullmatch(r"(?:(\d+)\.)?(\d{1,2}):(\d{1,2}):(\d{1,2}(?:\.\d+)?)", text)
+    if match is None:
+        return None
+    days, hours, minutes, seconds = match.groups()
+    return int(days or 0) * 86400 + int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
+def function_timeout_seconds(
+    env: Mapping[str, str] | None = None, host_json: Path = HOST_JSON
+) -> float | None:
+    """The host's ``functionTimeout`` as this app is deployed (app-setting override, else host.json).
+
+    None when neither says (the plan's default applies: 30 min on Flex Consumption) or it is unbounded.
+    """
+    env = os.environ if env is None else env
+    override = (env.get(FUNCTION_TIMEOUT_OVERRIDE) or "").strip()
+    if override:
+        return parse_timespan(override)
+    try:
+        config = json.loads(host_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = config.get("functionTimeout") if isinstance(config, dict) else None
+    return parse_timespan(value) if isinstance(value, str) else None
+
+
+def http_max_wait_seconds(env: Mapping[str, str] | None = None) -> float:
+    """``HTTP_MAX_WAIT_SECONDS`` alone: the HTTP triggers read it even when other settings are broken."""
+    env = os.environ if env is None else env
+    raw = (env.get("HTTP_MAX_WAIT_SECONDS") or "").strip() or _default("HTTP_MAX_WAIT_SECONDS")
+    return _positive("HTTP_MAX_WAIT_SECONDS", raw)
+
+
+def _default(name: str) -> str:
+    default = next(s for s in SETTINGS if s.name == name).default
+    assert default is not None
+    return default
+
+
+def _job_deadline(value: str, request_timeout: float, env: Mapping[str, str]) -> float:
+    """A job's deadline, which must leave one request's timeout before the host's functionTimeout.
+
+    After the deadline no new request starts, but one already sent may run DATAVERSE_TIMEOUT_SECONDS
+    more; the host must not abandon the invocation meanwhile, or the message would be redelivered
+    while this copy still runs.
+    """
+    seconds = _positive("JOB_DEADLINE_SECONDS", value, allow_zero=False)
+    limit = function_timeout_seconds(env)
+    if limit is not None and seconds + request_timeout >= limit:
+        raise ConfigurationError(
+            "JOB_DEADLINE_SECONDS",
+            f"{value} s plus DATAVERSE_TIMEOUT_SECONDS ({request_timeout:g} s) must stay below the host's "
+            f"functionTimeout ({limit:g} s, host.json or {FUNCTION_TIMEOUT_OVERRIDE})",
+        )
+    return seconds
+
+
 @dataclass(frozen=True)
 class Settings:
     dataverse_url: str
@@ -131,6 +208,8 @@ class Settings:
     max_retry_seconds: float = 300.0
     user_cache_ttl: float = 900.0
     user_cache_negative_ttl: float = 60.0
+    job_deadline_seconds: float = 480.0
+    http_max_wait_seconds: float = 5.0
 
     @property
     def api_base(self) -> str:
@@ -177,6 +256,9 @@ class Settings:
             raise ConfigurationError(
                 "DATAVERSE_CREDENTIAL", f"must be one of {', '.join(CREDENTIAL_MODES)}, got {credential!r}"
             )
+        timeout_seconds = _positive(
+            "DATAVERSE_TIMEOUT_SECONDS", value("DATAVERSE_TIMEOUT_SECONDS"), allow_zero=False
+        )
         return cls(
             dataverse_url=_https_url("DATAVERSE_URL", value("DATAVERSE_URL")),
             tenant_id=_guid("DATAVERSE_TENANT_ID", value("DATAVERSE_TENANT_ID")),
@@ -189,15 +271,15 @@ class Settings:
             api_version=api_version,
             sync_queue_name=value("SYNC_QUEUE_NAME"),
             authority_host=authority,
-            timeout_seconds=_positive(
-                "DATAVERSE_TIMEOUT_SECONDS", value("DATAVERSE_TIMEOUT_SECONDS"), allow_zero=False
-            ),
+            timeout_seconds=timeout_seconds,
             max_retries=int(_positive("DATAVERSE_MAX_RETRIES", value("DATAVERSE_MAX_RETRIES"), int)),
             max_retry_seconds=_positive("DATAVERSE_MAX_RETRY_SECONDS", value("DATAVERSE_MAX_RETRY_SECONDS")),
             user_cache_ttl=_positive("USER_CACHE_TTL_SECONDS", value("USER_CACHE_TTL_SECONDS")),
             user_cache_negative_ttl=_positive(
                 "USER_CACHE_NEGATIVE_TTL_SECONDS", value("USER_CACHE_NEGATIVE_TTL_SECONDS")
             ),
+            job_deadline_seconds=_job_deadline(value("JOB_DEADLINE_SECONDS"), timeout_seconds, env),
+            http_max_wait_seconds=http_max_wait_seconds(env),
         )
 
 

@@ -3,7 +3,8 @@
 A warm instance runs up to 24 jobs at once; on a cold start they all want the same secret,
 token and actor.  Without this they would all go to Key Vault, Entra and Dataverse together
 (and, on failure, all fail one after the other, each paying the full timeout).  Followers
-wait for the leader and receive its value or its exception.
+wait for the leader and receive its value or its exception — no longer than their own deadline
+(``shared.deadline``): an HTTP lookup never hangs behind a job's lookup that waits out a throttle.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
+
+from shared.deadline import wait_event
 
 V = TypeVar("V")
 
@@ -39,7 +42,8 @@ class SingleFlight(Generic[V]):
                 call = _Call()
                 self._calls[key] = call
         if not leader:
-            call.done.wait()
+            # bounded by the follower's own deadline: the leader may be a job that waits much longer
+            wait_event(call.done.wait, f"waiting for another thread's call for {key!r}")
             if call.error is not None:
                 raise call.error
             return call.value  # type: ignore[return-value]
