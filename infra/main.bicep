@@ -68,6 +68,12 @@ param dataverseMaxRetries string = '5'
 @description('DATAVERSE_MAX_RETRY_SECONDS: total time one request may spend waiting to retry.')
 param dataverseMaxRetrySeconds string = '300'
 
+@description('JOB_DEADLINE_SECONDS: a job stops waiting (throttling, back-off) at this age and goes back to the queue; with DATAVERSE_TIMEOUT_SECONDS it must stay below host.json\'s functionTimeout (10 min).')
+param jobDeadlineSeconds string = '480'
+
+@description('HTTP_MAX_WAIT_SECONDS: the longest /api/users and /api/diagnostics wait on Dataverse throttling before answering 503 with Retry-After.')
+param httpMaxWaitSeconds string = '5'
+
 @description('USER_CACHE_TTL_SECONDS: how long a found user stays cached per instance.')
 param userCacheTtlSeconds string = '900'
 
@@ -91,6 +97,9 @@ param keyVaultNetworkDefaultAction string = 'Deny'
 
 @description('Public IPv4 addresses or CIDR ranges allowed through the vault firewall (your workstation, to run `az keyvault secret set`).')
 param keyVaultAllowedIpAddresses array = []
+
+@description('Public IPv4 addresses or CIDR ranges let through the storage firewall (operators running tools/queuectl.py, uploading the roster). The app reaches storage through its subnet; with keyVaultNetworkDefaultAction Allow there is no subnet and the account accepts every network.')
+param storageAllowedIpAddresses array = []
 
 @description('Address space of the app\'s virtual network (created when keyVaultNetworkDefaultAction is Deny).')
 param vnetAddressPrefix string = '10.20.0.0/16'
@@ -161,6 +170,8 @@ module storage 'modules/storage.bicep' = {
     syncQueueName: syncQueueName
     skuName: storageSkuName
     workspaceId: monitoring.outputs.workspaceId
+    appSubnetId: vnetIntegration ? network.outputs.appSubnetId : ''
+    allowedIpAddresses: storageAllowedIpAddresses
   }
 }
 
@@ -199,6 +210,7 @@ module rbac 'modules/rbac.bicep' = {
     deployerPrincipalId: principalId
     deployerPrincipalType: principalType
     storageAccountName: storage.outputs.name
+    blobContainerNames: storage.outputs.blobContainerNames
     keyVaultName: keyVault.outputs.name
     applicationInsightsName: monitoring.outputs.applicationInsightsName
   }
@@ -241,6 +253,8 @@ module functionApp 'modules/functionapp.bicep' = {
     dataverseMaxRetries: dataverseMaxRetries
     dataverseMaxRetrySeconds: dataverseMaxRetrySeconds
     userCacheTtlSeconds: userCacheTtlSeconds
+    jobDeadlineSeconds: jobDeadlineSeconds
+    httpMaxWaitSeconds: httpMaxWaitSeconds
     userCacheNegativeTtlSeconds: userCacheNegativeTtlSeconds
   }
 }

@@ -23,3 +23,6 @@ param webhookSigningSecret = readEnvironmentVariable('WEBHOOK_SIGNING_SECRET', '
 // Deny (default) or Allow; and a comma-separated list of addresses let through the vault firewall.
 param keyVaultNetworkDefaultAction = readEnvironmentVariable('KEY_VAULT_NETWORK_DEFAULT_ACTION', 'Deny')
 param keyVaultAllowedIpAddresses = split(readEnvironmentVariable('KEY_VAULT_ALLOWED_IPS', ''), ',')
+
+// Comma-separated addresses let through the storage firewall (tools/queuectl.py, roster uploads).
+param storageAllowedIpAddresses = split(readEnvironmentVariable('STORAGE_ALLOWED_IPS', ''), ',')

@@ -54,6 +54,12 @@ param dataverseTimeoutSeconds string
 param dataverseMaxRetries string
 param dataverseMaxRetrySeconds string
 param userCacheTtlSeconds string
+
+@description('JOB_DEADLINE_SECONDS: a job stops waiting at this age; must leave one request timeout before functionTimeout.')
+param jobDeadlineSeconds string
+
+@description('HTTP_MAX_WAIT_SECONDS: the longest an HTTP trigger waits on Dataverse throttling before a 503.')
+param httpMaxWaitSeconds string
 param userCacheNegativeTtlSeconds string
 
 resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
@@ -157,6 +163,14 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
         {
           name: 'DATAVERSE_MAX_RETRY_SECONDS'
           value: dataverseMaxRetrySeconds
+        }
+        {
+          name: 'JOB_DEADLINE_SECONDS'
+          value: jobDeadlineSeconds
+        }
+        {
+          name: 'HTTP_MAX_WAIT_SECONDS'
+          value: httpMaxWaitSeconds
         }
         {
           name: 'USER_CACHE_TTL_SECONDS'

@@ -1,5 +1,6 @@
-// Outbound virtual network integration for the Flex Consumption app. The app subnet carries a
-// Microsoft.KeyVault service endpoint, so a vault that denies public traffic still admits the app.
+// Outbound virtual network integration for the Flex Consumption app. The app subnet carries
+// Microsoft.KeyVault and Microsoft.Storage service endpoints, so a vault and a storage account that deny
+// public traffic still admit the app.
 // Internet egress (Entra ID, Dataverse) keeps working: the platform sends it from the app's outbound
 // addresses, with no NAT gateway needed.
 
@@ -39,6 +40,9 @@ resource vnet 'Microsoft.Network/virtualNetworks@2024-01-01' = {
           serviceEndpoints: [
             {
               service: 'Microsoft.KeyVault'
+            }
+            {
+              service: 'Microsoft.Storage'
             }
           ]
           privateEndpointNetworkPolicies: 'Disabled'

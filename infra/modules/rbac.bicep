@@ -16,6 +16,9 @@ param deployerPrincipalId string = ''
 param deployerPrincipalType string = 'User'
 
 param storageAccountName string
+
+@description('The blob containers the app identity may use (storage.bicep output blobContainerNames); Blob Data Owner is granted on each, never on the account.')
+param blobContainerNames array
 param keyVaultName string
 param applicationInsightsName string
 
@@ -30,6 +33,16 @@ var monitoringMetricsPublisher = '3913510d-42f4-4e42-8a64-420c390055eb'
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: storageAccountName
 }
+
+resource blobService 'Microsoft.Storage/storageAccounts/blobServices@2023-05-01' existing = {
+  parent: storage
+  name: 'default'
+}
+
+resource containers 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' existing = [for containerName in blobContainerNames: {
+  parent: blobService
+  name: containerName
+}]
 
 resource vault 'Microsoft.KeyVault/vaults@2023-07-01' existing = {
   name: keyVaultName
@@ -50,16 +63,17 @@ resource appKeyVaultSecretsUser 'Microsoft.Authorization/roleAssignments@2022-04
   }
 }
 
-// The host: blob leases (timer singleton), the deployment package, reconciliation blobs.
-resource appStorageBlobDataOwner 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(storage.id, identityPrincipalId, storageBlobDataOwner)
-  scope: storage
+// Per container, not on the account: the deployment package, the host's leases and keys, the app's
+// reconciliation, replay and throttle blobs. Any other container in the account stays out of reach.
+resource appStorageBlobDataOwner 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for i in range(0, length(blobContainerNames)): {
+  name: guid(containers[i].id, identityPrincipalId, storageBlobDataOwner)
+  scope: containers[i]
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageBlobDataOwner)
     principalId: identityPrincipalId
     principalType: 'ServicePrincipal'
   }
-}
+}]
 
 // The queue trigger (read, delete, move to -poison) and the queue outputs (sync, -deadletter).
 resource appStorageQueueDataContributor 'Microsoft.Authorization/roleAssignments@2022-04-01' = {

@@ -1,5 +1,8 @@
 // Host storage for the Function App: Entra-only (no shared keys), TLS 1.2, HTTPS only, no public blobs.
-// Holds the deployment package container, the reconciliation container and the sync queues.
+// Holds the deployment package container, the app's and the host's blob containers, and the sync queues.
+// With an app subnet, the account refuses every network but that subnet (Microsoft.Storage service
+// endpoint) and allowedIpAddresses: the Flex Consumption platform writes and reads the package through
+// the app's virtual network integration, so no trusted-service bypass is needed (docs/deploy-network.md).
 
 param name string
 param location string
@@ -25,6 +28,23 @@ param skuName string = 'Standard_GRS'
 @description('Log Analytics workspace that receives the blob and queue request logs.')
 param workspaceId string
 
+@description('Blob containers besides the deployment package\'s, each created here: the app identity gets Storage Blob Data Owner on these and on no other container. Add a container here when code starts using one.')
+param appContainerNames array = [
+  'azure-webjobs-hosts' // the host: timer singleton and listener leases, host id
+  'azure-webjobs-secrets' // the host: function and master keys
+  'reconciliation' // reconcile_users: roster in, snapshot and reports out
+  'webhook-replay' // the webhook's replay window (shared/replay.py)
+  'dataverse-throttle' // the deployment-wide Dataverse throttle (shared/throttle.py)
+]
+
+@description('Subnet admitted through its Microsoft.Storage service endpoint; the account then denies every other network. Empty: no virtual network, the account accepts every network (still Entra RBAC only).')
+param appSubnetId string = ''
+
+@description('Public IPv4 addresses or CIDR ranges let through the storage firewall (an operator running tools/queuectl.py or uploading the roster).')
+param allowedIpAddresses array = []
+
+var restricted = !empty(appSubnetId)
+
 var queueNames = [
   syncQueueName
   '${syncQueueName}-poison'
@@ -49,8 +69,9 @@ resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
   name: name
   location: location
   tags: tags
-  //checkov:skip=CKV_AZURE_35: data access is Entra-only (shared keys off); the Flex deployment service and the operator CLI reach the account over its public endpoint, so the network default stays Allow
-  //checkov:skip=CKV_AZURE_59: same reason as CKV_AZURE_35: public endpoint, Entra RBAC on every request, no anonymous or key access
+  //checkov:skip=CKV_AZURE_35: defaultAction is Deny whenever the app has a virtual network (the default); only the no-VNet first-trial mode leaves it Allow, still Entra RBAC on every request
+  //checkov:skip=CKV_AZURE_59: the public endpoint stays for allowedIpAddresses (operators) behind defaultAction Deny; no anonymous or shared-key access at all
+  //checkov:skip=CKV_AZURE_36: bypass None on purpose: no trusted Azure service needs data access (the Flex deployment and the host reach the account through the app subnet)
   kind: 'StorageV2'
   sku: {
     name: skuName
@@ -65,8 +86,18 @@ resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
     supportsHttpsTrafficOnly: true
     publicNetworkAccess: 'Enabled'
     networkAcls: {
-      bypass: 'AzureServices'
-      defaultAction: 'Allow'
+      bypass: 'None'
+      defaultAction: restricted ? 'Deny' : 'Allow'
+      virtualNetworkRules: restricted ? [
+        {
+          id: appSubnetId
+          action: 'Allow'
+        }
+      ] : []
+      ipRules: [for ip in filter(allowedIpAddresses, address => !empty(trim(address))): {
+        value: trim(ip)
+        action: 'Allow'
+      }]
     }
     encryption: {
       keySource: 'Microsoft.Storage'
@@ -116,13 +147,13 @@ resource deploymentContainer 'Microsoft.Storage/storageAccounts/blobServices/con
   }
 }
 
-resource reconciliationContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' = {
+resource appContainers 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' = [for containerName in appContainerNames: {
   parent: blobService
-  name: 'reconciliation'
+  name: containerName
   properties: {
     publicAccess: 'None'
   }
-}
+}]
 
 resource queueService 'Microsoft.Storage/storageAccounts/queueServices@2023-05-01' = {
   parent: storage
@@ -158,5 +189,6 @@ output blobEndpoint string = storage.properties.primaryEndpoints.blob
 output queueEndpoint string = storage.properties.primaryEndpoints.queue
 output tableEndpoint string = storage.properties.primaryEndpoints.table
 output deploymentContainerName string = deploymentContainer.name
-output reconciliationContainerName string = reconciliationContainer.name
+@description('Every blob container the app identity may use: the deployment package container first.')
+output blobContainerNames array = concat([deploymentContainer.name], appContainerNames)
 output queueNames array = queueNames

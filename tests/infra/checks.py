@@ -24,12 +24,16 @@ ROLES = {
 }
 VAULT = "Microsoft.KeyVault/vaults"
 STORAGE = "Microsoft.Storage/storageAccounts"
+CONTAINER = f"{STORAGE}/blobServices/containers"
 APP_INSIGHTS = "Microsoft.Insights/components"
+# The containers the Functions host and the code use; each is created in storage.bicep, so the app's
+# container-scoped roles never need the account-wide right to create one.
+REQUIRED_CONTAINERS = {"azure-webjobs-hosts", "azure-webjobs-secrets", "reconciliation"}
 
 # Exactly these, no more: (role, type of the resource it is scoped to).
 APP_IDENTITY_ROLES = {
     (ROLES["Key Vault Secrets User"], VAULT),
-    (ROLES["Storage Blob Data Owner"], STORAGE),
+    (ROLES["Storage Blob Data Owner"], CONTAINER),  # per container, never the whole account
     (ROLES["Storage Queue Data Contributor"], STORAGE),
     (ROLES["Storage Table Data Contributor"], STORAGE),
     (ROLES["Monitoring Metrics Publisher"], APP_INSIGHTS),
@@ -116,11 +120,21 @@ def storage(infra: Infra) -> None:
     assert account.get("properties.supportsHttpsTrafficOnly") is True, "HTTPS only"
     assert account.get("properties.defaultToOAuthAuthentication") is True
 
-    containers = t.resources(f"{STORAGE}/blobServices/containers")
-    names = {c.get("name") for c in containers}
-    assert names == {"deploymentContainerName", "reconciliation"}, f"blob containers: {names}"
-    for container in containers:
+    containers = {c.symbol: c for c in t.resources(CONTAINER)}
+    assert set(containers) == {"deploymentContainer", "appContainers"}, f"blob containers: {set(containers)}"
+    assert containers["deploymentContainer"].get("name") == "deploymentContainerName"
+    app_containers = containers["appContainers"]
+    assert app_containers.loop is not None
+    assert app_containers.loop["detail"]["array_name"] == "appContainerNames"
+    assert app_containers.get("name") == app_containers.loop["detail"]["item_name"]
+    names = t.default("appContainerNames")
+    assert isinstance(names, list) and set(names) >= REQUIRED_CONTAINERS, f"app containers: {names}"
+    for container in containers.values():
         assert container.get("properties.publicAccess") == "None", f"{container.symbol} must be private"
+    # The list the role assignments are made from: every container created here, and nothing else.
+    listed = call(t.outputs["blobContainerNames"]["value"], "concat")
+    assert listed is not None and accessor_chain(listed["arg_1"][0]) == ["deploymentContainer", "name"]
+    assert listed["arg_2"] == "appContainerNames" and len(listed) == 2
     assert _main_source(infra, "storage", "deploymentContainerName") == "deploymentContainerName"
     deployment_value = (
         infra["functionapp"]
@@ -146,6 +160,40 @@ def storage(infra: Infra) -> None:
     assert _main_source(infra, "storage", "syncQueueName") == "syncQueueName"
     assert _main_source(infra, "functionapp", "syncQueueName") == "syncQueueName"
     assert infra.main.default("syncQueueName") == "dynamics-sync"
+
+
+def storage_network(infra: Infra) -> None:
+    """With the app's subnet, the account refuses every other network but the operators' addresses."""
+    t = infra["storage"]
+    acls = t.resource(STORAGE).get("properties.networkAcls")
+    assert t.variables["restricted"] == {
+        "operator": {"type": "not", "operands": {"bool_value": {
+            "function": {"type": "empty", "parameters": {"item_to_test": "appSubnetId"}}}}}
+    }
+    assert t.default("appSubnetId") == ""
+    assert acls["defaultAction"] == {
+        "operator": {"type": "conditional",
+                     "operands": {"condition": "restricted", "true_value": "Deny", "false_value": "Allow"}}
+    }, "deny by default whenever there is an app subnet"
+    assert acls["virtualNetworkRules"] == {
+        "operator": {"type": "conditional", "operands": {
+            "condition": "restricted", "true_value": [{"id": "appSubnetId", "action": "Allow"}],
+            "false_value": []}}
+    }
+    assert acls["bypass"] == "None", "no trusted-service bypass: nothing outside the subnet needs data access"
+    ip_rules = acls["ipRules"]["loop_type"]
+    assert call(ip_rules["detail"]["array_name"], "filter") is not None, "blank entries are dropped"
+    assert "allowedIpAddresses" in identifiers(ip_rules["detail"]["array_name"])
+    assert call(acls["ipRules"]["config"]["value"], "trim") == {
+        "string_to_trim": ip_rules["detail"]["item_name"]
+    }
+    assert t.default("allowedIpAddresses") == []
+    # main.bicep: the subnet whenever the app has one; the operators' addresses from their own parameter.
+    network = infra.module_symbol("network")
+    source = _main_source(infra, "storage", "appSubnetId")
+    assert {"vnetIntegration", network} <= identifiers(source), "storage must admit the app subnet"
+    assert _main_source(infra, "storage", "allowedIpAddresses") == "storageAllowedIpAddresses"
+    assert infra.main.default("storageAllowedIpAddresses") == []
 
 
 def key_vault(infra: Infra) -> None:
@@ -204,8 +252,8 @@ def virtual_network(infra: Infra) -> None:
     (subnet,) = vnet.get("properties.subnets")
     props = subnet["properties"]
     assert [d["properties"]["serviceName"] for d in props["delegations"]] == ["Microsoft.App/environments"]
-    assert [e["service"] for e in props["serviceEndpoints"]] == ["Microsoft.KeyVault"]
-    for module in ("keyvault", "functionapp"):
+    assert [e["service"] for e in props["serviceEndpoints"]] == ["Microsoft.KeyVault", "Microsoft.Storage"]
+    for module in ("keyvault", "storage", "functionapp"):
         source = _main_source(infra, module, "appSubnetId")
         assert "vnetIntegration" in identifiers(source) and network in identifiers(source), (
             f"{module}.bicep must get the app subnet when the vault denies by default"
@@ -356,16 +404,21 @@ def role_assignments(infra: Infra) -> None:
         assert definition is not None, f"{where}: roleDefinitionId must be subscriptionResourceId(...)"
         assert definition["resource_type"] == "Microsoft.Authorization/roleDefinitions"
         role = t.value(definition["resource_name_1"])
-        scope_symbol = assignment.get("scope")
-        assert isinstance(scope_symbol, str), f"{where}: scope must be one resource, not the resource group"
-        scope = t.symbol(scope_symbol)
-        principal = assignment.get("properties.principalId")
+        scope_expr = assignment.get("scope")
         name = call(assignment.get("name"), "guid")
         assert name is not None, f"{where}: name must be guid(scope, principal, role)"
         parts = list(name.values())
-        assert accessor_chain(parts[0]) == [scope_symbol, "id"], (
-            f"{where}: guid must start with the scope's id"
-        )
+        if isinstance(scope_expr, str):
+            scope_symbol = scope_expr
+            assert accessor_chain(parts[0]) == [scope_symbol, "id"], (
+                f"{where}: guid must start with the scope's id"
+            )
+        else:
+            # [for i in range(0, length(list))]: one assignment per element of a resource loop over list
+            scope_symbol = _looped_scope(t, assignment, scope_expr, parts[0], where)
+        assert scope_symbol, f"{where}: scope must be one resource, not the resource group"
+        scope = t.symbol(scope_symbol)
+        principal = assignment.get("properties.principalId")
         assert parts[1:] == [principal, definition["resource_name_1"]], (
             f"{where}: guid(scope, principal, role)"
         )
@@ -398,6 +451,7 @@ def role_assignments(infra: Infra) -> None:
     assert infra.main.default("principalType") == "User"
     for param, module, output in (
         ("storageAccountName", "storage", "name"),
+        ("blobContainerNames", "storage", "blobContainerNames"),
         ("keyVaultName", "keyvault", "name"),
         ("applicationInsightsName", "monitoring", "applicationInsightsName"),
     ):
@@ -409,6 +463,31 @@ def role_assignments(infra: Infra) -> None:
     ):
         (existing,) = [r for r in t.resources(type_) if r.existing]
         assert existing.get("name") == param
+    (containers,) = [r for r in t.resources(CONTAINER) if r.existing]
+    assert containers.loop is not None and containers.loop["detail"]["array_name"] == "blobContainerNames"
+    assert containers.get("name") == containers.loop["detail"]["item_name"]
+    assert t.symbol(t.symbol(containers.get("parent")).get("parent")).type == STORAGE
+
+
+def _looped_scope(t: Template, assignment: Any, scope: object, guid_base: object, where: str) -> str:
+    """``scope: containers[i]`` in ``[for i in range(0, length(names))]``; ``containers`` loops ``names``."""
+    index = scope.get("operator") if isinstance(scope, Mapping) else None
+    assert isinstance(index, Mapping) and index.get("type") == "index_accessor", f"{where}: scope {scope!r}"
+    symbol, item = index["operands"]["operand_1"], index["operands"]["operand_2"]
+    loop = assignment.loop
+    assert loop is not None and loop["detail"]["item_name"] == item, f"{where}: scope indexed by its loop"
+    over = call(loop["detail"]["array_name"], "range")
+    assert over is not None and over["start_index"] == 0, f"{where}: loop over range(0, length(...))"
+    counted = call(over["count"], "length")
+    target = t.symbol(symbol)
+    assert target.loop is not None and counted == {"arg_1": target.loop["detail"]["array_name"]}, (
+        f"{where}: one assignment per {symbol}, no more and no fewer"
+    )
+    base = guid_base.get("operator") if isinstance(guid_base, Mapping) else None
+    assert isinstance(base, Mapping) and base["operands"] == {"operand_1": scope, "operand_2": "id"}, (
+        f"{where}: guid must start with the scope's id"
+    )
+    return str(symbol)
 
 
 def diagnostics(infra: Infra) -> None:
@@ -494,6 +573,7 @@ def outputs_for_azd(infra: Infra) -> None:
 
 ALL: dict[str, Callable[[Infra], None]] = {
     "storage": storage,
+    "storage_network": storage_network,
     "key_vault": key_vault,
     "virtual_network": virtual_network,
     "monitoring": monitoring,

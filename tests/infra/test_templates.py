@@ -55,7 +55,42 @@ MUTATIONS = [
     ("modules/storage.bicep", "minimumTlsVersion: 'TLS1_2'", "minimumTlsVersion: 'TLS1_0'", "storage"),
     ("modules/storage.bicep", "supportsHttpsTrafficOnly: true", "supportsHttpsTrafficOnly: false", "storage"),
     ("modules/storage.bicep", "'${syncQueueName}-poison'", "'${syncQueueName}-poisoned'", "storage"),
-    ("modules/storage.bicep", "name: 'reconciliation'", "name: 'reports'", "storage"),
+    ("modules/storage.bicep", "  'reconciliation' // ", "  'reports' // ", "storage"),
+    ("modules/storage.bicep", "  'azure-webjobs-secrets' // ", "  // ", "storage"),
+    (
+        "modules/storage.bicep",
+        "concat([deploymentContainer.name], appContainerNames)",
+        "appContainerNames",
+        "storage",
+    ),
+    (
+        "modules/storage.bicep",
+        "defaultAction: restricted ? 'Deny' : 'Allow'",
+        "defaultAction: 'Allow'",
+        "storage_network",
+    ),
+    ("modules/storage.bicep", "bypass: 'None'", "bypass: 'AzureServices'", "storage_network"),
+    ("modules/storage.bicep", "          id: appSubnetId\n", "          id: ''\n", "storage_network"),
+    ("modules/storage.bicep", "value: trim(ip)", "value: ip", "storage_network"),
+    (
+        "main.bicep",
+        "    appSubnetId: vnetIntegration ? network.outputs.appSubnetId : ''\n"
+        "    allowedIpAddresses: storageAllowedIpAddresses\n",
+        "    allowedIpAddresses: storageAllowedIpAddresses\n",
+        "storage_network",
+    ),
+    (
+        "main.bicep",
+        "param storageAllowedIpAddresses array = []",
+        "param storageAllowedIpAddresses array = [\n  '0.0.0.0/0'\n]",
+        "storage_network",
+    ),
+    (
+        "modules/network.bicep",
+        "            {\n              service: 'Microsoft.Storage'\n            }\n",
+        "",
+        "virtual_network",
+    ),
     (
         "modules/keyvault.bicep",
         "enableRbacAuthorization: true",
@@ -182,8 +217,9 @@ MUTATIONS = [
     (
         "modules/rbac.bicep",
         "principalId: identityPrincipalId\n    principalType: 'ServicePrincipal'\n  }\n}\n\n"
-        "// The host: blob leases",
-        "principalId: identityPrincipalId\n    principalType: 'User'\n  }\n}\n\n// The host: blob leases",
+        "// Per container, not on the account",
+        "principalId: identityPrincipalId\n    principalType: 'User'\n  }\n}\n\n"
+        "// Per container, not on the account",
         "role_assignments",
     ),
     (
@@ -191,6 +227,24 @@ MUTATIONS = [
         "resource deployerKeyVaultSecretsOfficer 'Microsoft.Authorization/roleAssignments"
         "@2022-04-01' = if (!empty(deployerPrincipalId)) {",
         "resource deployerKeyVaultSecretsOfficer 'Microsoft.Authorization/roleAssignments@2022-04-01' = {",
+        "role_assignments",
+    ),
+    (
+        "modules/rbac.bicep",
+        "  name: guid(containers[i].id, identityPrincipalId, storageBlobDataOwner)\n  scope: containers[i]\n",
+        "  name: guid(storage.id, identityPrincipalId, storageBlobDataOwner)\n  scope: storage\n",
+        "role_assignments",
+    ),
+    (
+        "modules/rbac.bicep",
+        "[for i in range(0, length(blobContainerNames)): {",
+        "[for i in range(0, 1): {",
+        "role_assignments",
+    ),
+    (
+        "main.bicep",
+        "    blobContainerNames: storage.outputs.blobContainerNames\n",
+        "    blobContainerNames: [\n      'reconciliation'\n    ]\n",
         "role_assignments",
     ),
     (

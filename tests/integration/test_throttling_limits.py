@@ -54,7 +54,9 @@ def test_users_waits_out_a_short_retry_after(sandbox_env: SandboxClient) -> None
     assert dataverse(sbx)["status:429"] == 1
 
 
-def test_users_honours_a_smaller_http_max_wait(sandbox_env: SandboxClient, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_users_honours_a_smaller_http_max_wait(
+    sandbox_env: SandboxClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sbx = sandbox_env
     monkeypatch.setenv("HTTP_MAX_WAIT_SECONDS", "0")
     sbx.set_limits(requests=1, window_seconds=2)

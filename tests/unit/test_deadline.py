@@ -1,10 +1,12 @@
-"""Deadlines: a job never waits past JOB_DEADLINE_SECONDS, an HTTP trigger never past HTTP_MAX_WAIT_SECONDS."""
+"""Deadlines: a job never waits past JOB_DEADLINE_SECONDS, an HTTP trigger not past HTTP_MAX_WAIT_SECONDS."""
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,17 @@ def throttled(mock: responses.RequestsMock, retry_after: str, times: int = 1) ->
         mock.get(f"{API}WhoAmI", status=429, headers={"Retry-After": retry_after},
                  json=error_body("0x80072322", "Number of requests exceeded the limit of 6000"))
     mock.get(f"{API}WhoAmI", json={"UserId": "x"})
+
+
+Scope = ContextManager[deadline.Deadline]
+
+
+def job_scope(seconds: float, clock: Callable[[], float] = time.monotonic) -> Scope:
+    return deadline.within(seconds, kind=deadline.JOB, setting="JOB_DEADLINE_SECONDS", clock=clock)
+
+
+def http_scope(seconds: float, clock: Callable[[], float] = time.monotonic) -> Scope:
+    return deadline.within(seconds, kind=deadline.HTTP, setting="HTTP_MAX_WAIT_SECONDS", clock=clock)
 
 
 def client_on(clock: Clock) -> DataverseClient:
@@ -102,7 +115,7 @@ def test_timespans() -> None:
 def test_a_retry_after_that_ends_before_the_job_deadline_is_waited(mock: responses.RequestsMock) -> None:
     clock = Clock()
     throttled(mock, "7")
-    with deadline.within(10, kind=deadline.JOB, setting="JOB_DEADLINE_SECONDS", clock=clock):
+    with job_scope(10, clock):
         assert client_on(clock).whoami() == {"UserId": "x"}
     assert clock.sleeps == [7.0]
 
@@ -112,9 +125,8 @@ def test_a_retry_after_past_the_job_deadline_is_not_waited_and_is_transient(
 ) -> None:
     clock = Clock()
     throttled(mock, "30")
-    with deadline.within(10, kind=deadline.JOB, setting="JOB_DEADLINE_SECONDS", clock=clock):
-        with pytest.raises(DeadlineExceeded) as raised:
-            client_on(clock).whoami()
+    with job_scope(10, clock), pytest.raises(DeadlineExceeded) as raised:
+        client_on(clock).whoami()
     assert clock.sleeps == []  # fail fast: the message goes back to the queue now
     assert len(mock.calls) == 1
     error = raised.value
@@ -127,16 +139,15 @@ def test_a_retry_after_past_the_job_deadline_is_not_waited_and_is_transient(
 def test_waits_add_up_against_the_deadline(mock: responses.RequestsMock) -> None:
     clock = Clock()
     throttled(mock, "4", times=3)
-    with deadline.within(10, kind=deadline.JOB, setting="JOB_DEADLINE_SECONDS", clock=clock):
-        with pytest.raises(DeadlineExceeded):
-            client_on(clock).whoami()
+    with job_scope(10, clock), pytest.raises(DeadlineExceeded):
+        client_on(clock).whoami()
     assert clock.sleeps == [4.0, 4.0]  # a third wait would end at 12 s > 10 s
 
 
 def test_no_request_starts_after_a_job_deadline(mock: responses.RequestsMock) -> None:
     clock = Clock()
     throttled(mock, "1", times=0)
-    with deadline.within(10, kind=deadline.JOB, setting="JOB_DEADLINE_SECONDS", clock=clock):
+    with job_scope(10, clock):
         clock.now += 10
         with pytest.raises(DeadlineExceeded):
             client_on(clock).whoami()
@@ -146,9 +157,8 @@ def test_no_request_starts_after_a_job_deadline(mock: responses.RequestsMock) ->
 def test_an_http_wait_limit_raises_dataverses_own_error(mock: responses.RequestsMock) -> None:
     clock = Clock()
     throttled(mock, "42")
-    with deadline.within(5, kind=deadline.HTTP, setting="HTTP_MAX_WAIT_SECONDS", clock=clock):
-        with pytest.raises(DataverseError) as raised:
-            client_on(clock).whoami()
+    with http_scope(5, clock), pytest.raises(DataverseError) as raised:
+        client_on(clock).whoami()
     assert (raised.value.code, raised.value.retry_after) == ("dataverse_throttled", 42.0)
     assert clock.sleeps == []
 
@@ -162,8 +172,8 @@ def test_without_a_deadline_the_client_waits_as_before(mock: responses.RequestsM
 
 def test_an_inner_scope_never_extends_an_outer_deadline() -> None:
     clock = Clock()
-    with deadline.within(10, kind=deadline.JOB, setting="JOB_DEADLINE_SECONDS", clock=clock) as outer:
-        with deadline.within(60, kind=deadline.HTTP, setting="HTTP_MAX_WAIT_SECONDS", clock=clock) as inner:
+    with job_scope(10, clock) as outer:
+        with http_scope(60, clock) as inner:
             assert inner is outer
         assert deadline.current() is outer
     assert deadline.current() is None
@@ -171,7 +181,7 @@ def test_an_inner_scope_never_extends_an_outer_deadline() -> None:
 
 def test_the_deadline_belongs_to_the_thread_that_set_it() -> None:
     seen: list[object] = []
-    with deadline.within(10, kind=deadline.JOB, setting="JOB_DEADLINE_SECONDS"):
+    with job_scope(10):
         worker = threading.Thread(target=lambda: seen.append(deadline.current()))
         worker.start()
         worker.join()
@@ -195,13 +205,11 @@ def test_a_follower_stops_waiting_for_the_leader_at_its_own_deadline() -> None:
     leader.start()
     assert leading.wait(10)
     try:
-        with deadline.within(0.05, kind=deadline.HTTP, setting="HTTP_MAX_WAIT_SECONDS"):
-            with pytest.raises(DeadlineExceeded) as raised:
-                flight.do("k", lambda: "never called")
+        with http_scope(0.05), pytest.raises(DeadlineExceeded) as raised:
+            flight.do("k", lambda: "never called")
         assert (raised.value.code, raised.value.transient) == ("wait_limit_exceeded", True)
-        with deadline.within(0.05, kind=deadline.JOB, setting="JOB_DEADLINE_SECONDS"):
-            with pytest.raises(DeadlineExceeded) as raised:
-                flight.do("k", lambda: "never called")
+        with job_scope(0.05), pytest.raises(DeadlineExceeded) as raised:
+            flight.do("k", lambda: "never called")
         assert raised.value.code == "job_deadline_exceeded"
     finally:
         release.set()
@@ -237,7 +245,8 @@ def test_process_message_runs_the_job_under_job_deadline_seconds() -> None:
         process_message(body, lambda: runtime)  # type: ignore[arg-type, return-value]
     assert raised.value.code == "job_deadline_exceeded"
     (seen,) = spy.seen
-    assert seen is not None and seen.kind == deadline.JOB and seen.seconds == runtime.settings.job_deadline_seconds
+    assert seen is not None and seen.kind == deadline.JOB
+    assert seen.seconds == runtime.settings.job_deadline_seconds
     assert deadline.current() is None  # reset for the pool thread's next invocation
 
 
