@@ -115,6 +115,12 @@ def within(
         _current.reset(token)
 
 
+def budget(limit: float) -> float:
+    """``limit`` seconds of waiting, cut to what the current deadline leaves (a wait given as a budget)."""
+    deadline = _current.get()
+    return limit if deadline is None else min(limit, max(deadline.remaining(), 0.0))
+
+
 def wait_event(wait: Callable[[float | None], bool], what: str) -> None:
     """Block on ``wait(timeout)`` (e.g. ``threading.Event.wait``) no longer than the current deadline."""
     deadline = _current.get()

@@ -319,3 +319,14 @@ def test_run_diagnostics_reports_the_retry_after_of_a_throttled_step() -> None:
     report = diagnose(runtime)
     assert report["ok"] is False and report["retryAfter"] == 13
     assert "retryAfter" not in diagnose(healthy_runtime())
+
+
+def test_budget_is_cut_to_what_the_deadline_leaves() -> None:
+    clock = Clock()
+    assert deadline.budget(300) == 300
+    with job_scope(10, clock):
+        clock.now += 4
+        assert deadline.budget(300) == 6
+        assert deadline.budget(2) == 2
+        clock.now += 20
+        assert deadline.budget(300) == 0
