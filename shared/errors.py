@@ -287,6 +287,11 @@ FIXES: dict[str, str] = {
     "dataverse_unavailable": "Dataverse answered 5xx; it is retried, replay from -poison if it persists.",
     "dataverse_throttled": "Dataverse is throttling this application user (service protection limits); it "
                            "is retried, lower the load if it persists.",
+    "job_deadline_exceeded": "Dataverse asked for a wait that would pass JOB_DEADLINE_SECONDS: the job went "
+                             "back to the queue and is retried after the visibility timeout; if it ends in "
+                             "-poison, lower the load (throttling) and replay it.",
+    "wait_limit_exceeded": "Another request for the same data was still waiting on Dataverse when "
+                           "HTTP_MAX_WAIT_SECONDS ran out; retry after Retry-After.",
     "dataverse_malformed_response": "Dataverse (or a proxy in front of it) answered something that is not "
                                     "Dataverse JSON; check DATAVERSE_URL points at the environment itself.",
     "dataverse_error": "Dataverse refused the request: see the Dataverse code in the detail.",

@@ -40,6 +40,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from shared import deadline
+
 # the one GUID/email check and the actAs names (re-exported: callers have imported them from here)
 from shared.contract import ACT_AS_FIELDS as ACT_AS_FIELDS
 from shared.contract import is_email_address as is_email_address
