@@ -15,12 +15,17 @@ from typing import Any
 import requests
 from flask import Flask, Response, jsonify, request
 
-from devstack import web
+from devstack import certificates, web
 from devstack.sandboxes import (
+    CERTIFICATE_NAME,
     CLIENT_SECRET_NAME,
+    CREDENTIAL_MODES,
     SERVICES,
+    TOKEN_EXCHANGE_AUDIENCE,
     WEBHOOK_SECRET_NAME,
     Fault,
+    FederatedCredential,
+    RegisteredCertificate,
     Registry,
     Sandbox,
 )
@@ -48,6 +53,8 @@ def sandbox_env(registry: Registry, sandbox: Sandbox) -> dict[str, str]:
         "IDENTITY_HEADER": sandbox.identity_header,
         "DATAVERSE_CLIENT_SECRET_NAME": CLIENT_SECRET_NAME,
         "WEBHOOK_SECRET_NAME": WEBHOOK_SECRET_NAME,
+        "DATAVERSE_CREDENTIAL": sandbox.credential_mode,
+        "DATAVERSE_CERTIFICATE_NAME": CERTIFICATE_NAME,
     }
     if registry.ca_bundle:
         env["REQUESTS_CA_BUNDLE"] = registry.ca_bundle
@@ -80,6 +87,63 @@ def _org_call(sandbox: Sandbox, method: str, *args: Any, **kwargs: Any) -> Any:
         raise _Problem(404, f"not found: {error.args[0] if error.args else error}") from None
     except (ValueError, TypeError) as error:
         raise _Problem(400, str(error)) from None
+
+
+def federated_credential_for(registry: Registry, sandbox: Sandbox,
+                             body: Mapping[str, Any]) -> FederatedCredential:
+    """The record `az ad app federated-credential create` would add; defaults match the sandbox's MI."""
+    audiences = body.get("audiences", [TOKEN_EXCHANGE_AUDIENCE])
+    if not isinstance(audiences, list) or not all(isinstance(a, str) for a in audiences) or not audiences:
+        raise _Problem(400, "audiences must be a non-empty list of strings")
+    fields = {
+        "name": body.get("name", "function-app-identity"),
+        "issuer": body.get("issuer", registry.federation_issuer(sandbox)),
+        "subject": body.get("subject", sandbox.mi_principal_id),
+    }
+    for key, value in fields.items():
+        if not isinstance(value, str) or not value:
+            raise _Problem(400, f"{key} must be a non-empty string")
+    return FederatedCredential(audiences=list(audiences), **fields)
+
+
+def add_certificate(sandbox: Sandbox, *, fmt: str = "pem", register: bool = True, store: bool = True,
+                    name: str = CERTIFICATE_NAME) -> dict[str, Any]:
+    """A new certificate: uploaded to the app registration and/or added as the vault's latest version."""
+    if fmt not in certificates.FORMATS:
+        raise _Problem(400, f"format must be one of {', '.join(certificates.FORMATS)}")
+    generated = certificates.generate(f"devstack-{sandbox.id}")
+    if register:
+        sandbox.register_certificate(RegisteredCertificate(
+            sha1=generated.sha1_thumbprint, sha256=generated.sha256_thumbprint,
+            public_key=generated.certificate.public_key(),
+            not_after=generated.certificate.not_valid_after_utc.timestamp()))
+    version = None
+    if store:
+        version = sandbox.set_secret(name, generated.key_vault_value(fmt),
+                                     content_type=certificates.FORMATS[fmt], managed=True).version
+    return {"thumbprint": generated.sha1_thumbprint, "thumbprint_sha256": generated.sha256_thumbprint,
+            "version": version, "content_type": certificates.FORMATS[fmt]}
+
+
+def use_credential(registry: Registry, sandbox: Sandbox, mode: str, fmt: str = "pem") -> None:
+    """Set the sandbox up for ``mode`` the way an operator would, and point sandbox_env at it.
+
+    federated: a matching federated credential, and no client secret anywhere; certificate: a
+    registered certificate in Key Vault, and no client secret anywhere; secret: as created.
+    """
+    if mode not in CREDENTIAL_MODES:
+        raise _Problem(400, f"mode must be one of {', '.join(CREDENTIAL_MODES)}")
+    if mode == "federated":
+        credential = federated_credential_for(registry, sandbox, {})
+        found = sandbox.find_federated_credential(credential.issuer, credential.subject, credential.audiences)
+        if found is None:
+            sandbox.add_federated_credential(credential)
+        sandbox.remove_client_secrets()
+    elif mode == "certificate":
+        if not sandbox.certificates or sandbox.get_secret(CERTIFICATE_NAME) is None:
+            add_certificate(sandbox, fmt=fmt)
+        sandbox.remove_client_secrets()
+    sandbox.credential_mode = mode
 
 
 def create_app(registry: Registry) -> Flask:
@@ -188,6 +252,54 @@ def create_app(registry: Registry) -> Flask:
         if not isinstance(value, str) or not value:
             raise _Problem(400, "value must be a non-empty string")
         sandbox_or_404(sandbox_id).set_client_secret(value, keep_old=bool(body.get("keep_old", False)))
+        return ok()
+
+    @app.delete("/sandboxes/<sandbox_id>/client-secret")
+    def remove_client_secret(sandbox_id: str) -> Response:
+        sandbox_or_404(sandbox_id).remove_client_secrets()
+        return ok()
+
+    @app.put("/sandboxes/<sandbox_id>/credential")
+    def set_credential(sandbox_id: str) -> Response:
+        sandbox = sandbox_or_404(sandbox_id)
+        body = _body()
+        use_credential(registry, sandbox, str(body.get("mode")), str(body.get("format", "pem")))
+        return jsonify(_view(registry, sandbox))
+
+    @app.post("/sandboxes/<sandbox_id>/federated-credentials")
+    def add_federated_credential(sandbox_id: str) -> Response:
+        sandbox = sandbox_or_404(sandbox_id)
+        credential = federated_credential_for(registry, sandbox, _body())
+        try:
+            sandbox.add_federated_credential(credential)
+        except ValueError as error:
+            raise _Problem(409, str(error)) from None
+        response = jsonify(credential.to_dict())
+        response.status_code = 201
+        return response
+
+    @app.delete("/sandboxes/<sandbox_id>/federated-credentials")
+    def remove_federated_credentials(sandbox_id: str) -> Response:
+        sandbox_or_404(sandbox_id).remove_federated_credentials()
+        return ok()
+
+    @app.post("/sandboxes/<sandbox_id>/certificates")
+    def new_certificate(sandbox_id: str) -> Response:
+        body = _body()
+        name = body.get("name", CERTIFICATE_NAME)
+        if not isinstance(name, str) or not name:
+            raise _Problem(400, "name must be a non-empty string")
+        result = add_certificate(sandbox_or_404(sandbox_id), fmt=str(body.get("format", "pem")),
+                                 register=bool(body.get("register", True)),
+                                 store=bool(body.get("store", True)), name=name)
+        response = jsonify(result)
+        response.status_code = 201
+        return response
+
+    @app.delete("/sandboxes/<sandbox_id>/certificates/<thumbprint>")
+    def remove_certificate(sandbox_id: str, thumbprint: str) -> Response:
+        if not sandbox_or_404(sandbox_id).unregister_certificate(thumbprint):
+            raise _Problem(404, f"no certificate {thumbprint!r} on the app registration")
         return ok()
 
     @app.post("/sandboxes/<sandbox_id>/client-secret/expire")
@@ -368,6 +480,49 @@ class SandboxClient:
 
     def expire_client_secret(self) -> None:
         self._http.call("POST", self._path("/client-secret/expire"))
+
+    def remove_client_secret(self) -> None:
+        """No client secret on the app registration and none in Key Vault."""
+        self._http.call("DELETE", self._path("/client-secret"))
+
+    def use_credential(self, mode: str, *, fmt: str = "pem") -> dict[str, str]:
+        """Set the sandbox up for DATAVERSE_CREDENTIAL=``mode`` (no client secret left for federated and
+        certificate); returns, and keeps in ``env``, the settings to run the app with."""
+        view = self._http.call("PUT", self._path("/credential"), {"mode": mode, "format": fmt})
+        self.info = dict(view)
+        self.env = dict(view["env"])
+        return self.env
+
+    def add_federated_credential(self, *, name: str | None = None, issuer: str | None = None,
+                                 subject: str | None = None,
+                                 audiences: list[str] | None = None) -> dict[str, Any]:
+        """A federated credential on the app registration; omitted fields match the sandbox's identity."""
+        body = {"name": name, "issuer": issuer, "subject": subject, "audiences": audiences}
+        result: dict[str, Any] = self._http.call(
+            "POST", self._path("/federated-credentials"), {k: v for k, v in body.items() if v is not None})
+        return result
+
+    def remove_federated_credentials(self) -> None:
+        self._http.call("DELETE", self._path("/federated-credentials"))
+
+    def add_certificate(self, *, fmt: str = "pem", register: bool = True, store: bool = True,
+                        name: str | None = None) -> dict[str, Any]:
+        """A new certificate, uploaded to the app registration (``register``) and/or stored in Key Vault
+        as the certificate's latest version (``store``, content type by ``fmt``: pem or pfx)."""
+        body: dict[str, Any] = {"format": fmt, "register": register, "store": store}
+        if name is not None:
+            body["name"] = name
+        result: dict[str, Any] = self._http.call("POST", self._path("/certificates"), body)
+        return result
+
+    def remove_certificate(self, thumbprint: str) -> None:
+        """Remove the certificate from the app registration (Key Vault keeps its versions)."""
+        self._http.call("DELETE", self._path(f"/certificates/{thumbprint}"))
+
+    def show(self) -> dict[str, Any]:
+        """The sandbox as the control API sees it now (credentials on the app, secret names in the vault)."""
+        result: dict[str, Any] = self._http.call("GET", self._path())
+        return result
 
     def set_token_lifetime(self, seconds: int) -> None:
         self._http.call("PUT", self._path("/token-lifetime"), {"seconds": seconds})

@@ -4,17 +4,37 @@ MSAL first fetches ``/{tenant}/v2.0/.well-known/openid-configuration`` (tenant d
 becomes a ValueError whose text carries the body), then POSTs the form to ``token_endpoint``.
 Errors use Entra's exact body shape, since the production code reads ``error_codes`` to tell a
 wrong secret from an expired one, an unknown app, or a wrong tenant.
+
+Besides ``client_secret``, the app may prove itself with ``client_assertion`` (type
+``urn:ietf:params:oauth:client-assertion-type:jwt-bearer``), checked like Entra does:
+
+* a header with ``x5t`` / ``x5t#S256`` is a certificate assertion (MSAL: RS256 + x5t, or PS256 +
+  x5t#S256): the thumbprint must name a certificate registered on the app (else AADSTS700027 "key
+  was not found"), the signature must verify with it (AADSTS700027), iss = sub = client id
+  (AADSTS700021), aud = the token endpoint (AADSTS50013), exp in the future (AADSTS700024);
+* anything else is a federated assertion: its iss, sub and aud must match one federated credential
+  of the app exactly (AADSTS70021 naming all three), then it must verify against the issuer's key
+  (only tokens this stack's managed identity issued do) and be unexpired (AADSTS700024).
+
+An assertion that is not a JWT at all is AADSTS50027.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import time
 import uuid
+from typing import Any
 
+import jwt
 from flask import Flask, Response, jsonify, request
 
 from devstack import web
 from devstack.sandboxes import KEYVAULT_AUDIENCE, Registry, Sandbox
+
+JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+CERTIFICATE_ALGORITHMS = ("RS256", "PS256")
 
 RESERVED_SCOPES = frozenset({"openid", "profile", "offline_access"})
 GRAPH = "https://graph.microsoft.com"
@@ -69,6 +89,126 @@ def _resource_of(scope_param: str) -> tuple[str | None, str | None]:
     if not resource:
         return None, scope_param
     return resource, None
+
+
+def _iso(seconds: float | None) -> str:
+    if seconds is None:
+        return "0001-01-01T00:00:00.0000000Z"
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.0000000Z")
+
+
+def _thumbprint_hex(b64url: object) -> str | None:
+    if not isinstance(b64url, str) or not b64url:
+        return None
+    try:
+        return base64.urlsafe_b64decode(b64url + "=" * (-len(b64url) % 4)).hex().upper()
+    except ValueError:
+        return None
+
+
+def _not_in_time(claims: dict[str, Any]) -> Response:
+    now = time.time()
+    exp = claims.get("exp")
+    start = claims.get("nbf", claims.get("iat"))
+    return aad_error(
+        401, "invalid_client", 700024,
+        f"Client assertion is not within its valid time range. Current time: {_iso(now)}, assertion valid "
+        f"from {_iso(start if isinstance(start, int | float) else None)}, expiry time of assertion "
+        f"{_iso(exp if isinstance(exp, int | float) else None)}. Review the documentation at "
+        "https://learn.microsoft.com/entra/identity-platform/certificate-credentials .")
+
+
+def _malformed() -> Response:
+    return aad_error(401, "invalid_client", 50027, "JWT token is invalid or malformed.")
+
+
+def _key_rejected(sandbox: Sandbox, reason: str, thumbprint: str | None) -> Response:
+    used = f"Thumbprint of key used by client: '{thumbprint}', " if thumbprint else ""
+    return aad_error(
+        401, "invalid_client", 700027,
+        f"Client assertion failed signature validation. [Reason - {reason}, {used}Please visit the Azure "
+        f"Portal, Graph Explorer or directly use MS Graph to see configured keys for app Id "
+        f"'{sandbox.client_id}'. Review the documentation at "
+        "https://docs.microsoft.com/en-us/graph/deployments to determine the corresponding service endpoint "
+        "and https://docs.microsoft.com/en-us/graph/api/application-get?view=graph-rest-1.0&tabs=http "
+        f"to build a query request URL, such as 'https://graph.microsoft.com/beta/applications/{sandbox.client_id}']")
+
+
+def _audiences(claims: dict[str, Any]) -> list[str]:
+    aud = claims.get("aud")
+    if isinstance(aud, str):
+        return [aud]
+    return [a for a in aud if isinstance(a, str)] if isinstance(aud, list) else []
+
+
+def check_assertion(registry: Registry, sandbox: Sandbox, assertion: str, client_id: str,
+                    token_endpoints: set[str]) -> Response | None:
+    """None when ``assertion`` proves the app, else Entra's error answer."""
+    try:
+        header = jwt.get_unverified_header(assertion)
+        claims: dict[str, Any] = jwt.decode(assertion, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return _malformed()
+    if "x5t" in header or "x5t#S256" in header:
+        return _check_certificate_assertion(sandbox, header, claims, assertion, client_id, token_endpoints)
+    return _check_federated_assertion(registry, sandbox, claims, assertion)
+
+
+def _check_certificate_assertion(sandbox: Sandbox, header: dict[str, Any], claims: dict[str, Any],
+                                 assertion: str, client_id: str,
+                                 token_endpoints: set[str]) -> Response | None:
+    sha256 = _thumbprint_hex(header.get("x5t#S256"))
+    sha1 = _thumbprint_hex(header.get("x5t"))
+    shown = sha256 or sha1
+    registered = sandbox.find_certificate(sha1=sha1, sha256=sha256)
+    if registered is None:
+        return _key_rejected(sandbox, "The key was not found.", shown)
+    if registered.not_after <= time.time():
+        return _key_rejected(sandbox, "The key used is expired.", shown)
+    algorithm = header.get("alg")
+    if algorithm not in CERTIFICATE_ALGORITHMS:
+        return _key_rejected(sandbox, f"The signature algorithm '{algorithm}' is not supported.", shown)
+    try:
+        jwt.decode(assertion, registered.public_key, algorithms=[str(algorithm)],
+                   options={"verify_aud": False, "verify_exp": False, "verify_iat": False,
+                            "verify_nbf": False})
+    except jwt.PyJWTError:
+        return _key_rejected(sandbox, "The provided signature value did not match the expected signature "
+                             "value.", shown)
+    if claims.get("iss") != client_id or claims.get("sub") != client_id:
+        return aad_error(
+            401, "invalid_client", 700021,
+            "Client assertion application identifier doesn't match 'client_id' parameter. Review the "
+            "documentation at https://docs.microsoft.com/en-us/azure/active-directory/develop/"
+            "active-directory-certificate-credentials .")
+    audiences = _audiences(claims)
+    if len(audiences) != 1 or audiences[0].lower() not in token_endpoints:
+        return aad_error(
+            401, "invalid_client", 50013,
+            f"Assertion failed signature validation. [Reason - The assertion audience claim "
+            f"'{', '.join(audiences)}' does not match the token endpoint.]")
+    exp = claims.get("exp")
+    if not isinstance(exp, int | float) or exp <= time.time():
+        return _not_in_time(claims)
+    return None
+
+
+def _check_federated_assertion(registry: Registry, sandbox: Sandbox, claims: dict[str, Any],
+                               assertion: str) -> Response | None:
+    audiences = _audiences(claims)
+    if sandbox.find_federated_credential(claims.get("iss"), claims.get("sub"), audiences) is None:
+        return aad_error(
+            400, "invalid_request", 70021,
+            f"No matching federated identity record found for presented assertion. Assertion Issuer: "
+            f"'{claims.get('iss')}'. Assertion Subject: '{claims.get('sub')}'. Assertion Audience: "
+            f"'{', '.join(audiences)}'. https://docs.microsoft.com/en-us/azure/active-directory/develop/"
+            "workload-identity-federation")
+    verified, problem = registry.verify_assertion(assertion)
+    if problem == "expired":
+        return _not_in_time(claims)
+    if verified is None:
+        return _malformed()
+    return None
 
 
 def create_app(registry: Registry) -> Flask:
@@ -161,12 +301,26 @@ def create_app(registry: Registry) -> Flask:
                 f"The provided request must include a 'scope' input parameter. The provided value for the "
                 f"input parameter 'scope' is not valid. The scope {bad_scope} is not valid.")
         secret = form.get("client_secret")
-        if not secret:
+        assertion = form.get("client_assertion")
+        if assertion:
+            if form.get("client_assertion_type") != JWT_BEARER:
+                return aad_error(
+                    400, "invalid_request", 90014,
+                    "The required field 'client_assertion_type' is missing from the credential. Ensure that "
+                    "you have all the necessary parameters for the login request.")
+            base = request.host_url.rstrip("/").lower()
+            endpoints = {f"{base}/{t.lower()}/oauth2/{v}token" for t in (tenant, sandbox.tenant_id)
+                         for v in ("v2.0/", "")}
+            rejected = check_assertion(registry, sandbox, assertion, client_id, endpoints)
+            if rejected is not None:
+                sandbox.counters.count("entra", f"assertion:{rejected.get_json()['error_codes'][0]}")
+                return rejected
+        elif not secret:
             return aad_error(
                 401, "invalid_client", 7000216,
                 "'client_assertion', 'client_secret' or 'request' is required for the 'client_credentials' "
                 "grant type.")
-        verdict = sandbox.check_client_secret(secret)
+        verdict = "ok" if assertion else sandbox.check_client_secret(secret or "")
         if verdict == "invalid":
             return aad_error(
                 401, "invalid_client", 7000215,

@@ -9,6 +9,11 @@ identity id it does not know is 400 "No User Assigned or Delegated Managed Ident
 specified ClientId/ResourceId/PrincipalId." (MSAL.NET's App Service end-to-end tests), a resource
 Entra does not know is 500 "An unexpected error occured while fetching the AAD Token." (sic; MSAL
 Python: "Empirically, wrong resource ends up with a vague statusCode=500").
+
+``resource=api://AzureADTokenExchange`` (azure-identity strips ``/.default`` from the scope) gives the
+token a workload-identity-federated app registration accepts as its client assertion: issued by the
+tenant's v2.0 issuer (``https://login.microsoftonline.com/<tenant>/v2.0``; here the Entra emulator's
+host), subject = the identity's principal (object) id, audience ``api://AzureADTokenExchange``.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from flask import Flask, Response, jsonify, request
 
 from devstack import web
 from devstack.entra import known_resources
-from devstack.sandboxes import Registry, Sandbox
+from devstack.sandboxes import TOKEN_EXCHANGE_AUDIENCE, Registry, Sandbox
 
 API_VERSION = "2019-08-01"
 PATH = "/msi/token"
@@ -72,10 +77,16 @@ def create_app(registry: Registry) -> Flask:
         audience = resource.rstrip("/")
         if audience.endswith("/.default"):
             audience = audience[: -len("/.default")]
-        if audience.lower() not in known_resources(registry):
+        if audience.lower() == TOKEN_EXCHANGE_AUDIENCE.lower():
+            access_token, expires_on = registry.issue_token(
+                sandbox, TOKEN_EXCHANGE_AUDIENCE, oid=sandbox.mi_principal_id, appid=sandbox.mi_client_id,
+                issuer=registry.federation_issuer(sandbox))
+            sandbox.counters.count("identity", "token-exchange")
+        elif audience.lower() not in known_resources(registry):
             return _error(500, TOKEN_FAILURE)
-        access_token, expires_on = registry.issue_token(
-            sandbox, audience, oid=sandbox.mi_principal_id, appid=sandbox.mi_client_id)
+        else:
+            access_token, expires_on = registry.issue_token(
+                sandbox, audience, oid=sandbox.mi_principal_id, appid=sandbox.mi_client_id)
         return jsonify({
             "access_token": access_token,
             "expires_on": str(expires_on),

@@ -53,6 +53,10 @@ def _bundle(vault: str, name: str, version: SecretVersion, *, with_value: bool =
     bundle["id"] = f"{vault}/secrets/{name}/{version.version}"
     if version.content_type:
         bundle["contentType"] = version.content_type
+    if version.managed:
+        # The secret side of a certificate: Key Vault names its key and marks it managed (read-only).
+        bundle["kid"] = f"{vault}/keys/{name}/{version.version}"
+        bundle["managed"] = True
     bundle["attributes"] = {
         "enabled": version.enabled,
         "created": version.created,

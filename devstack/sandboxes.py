@@ -22,6 +22,10 @@ SERVICES: tuple[str, ...] = ("identity", "entra", "keyvault", "dataverse")
 KEYVAULT_AUDIENCE = "https://vault.azure.net"
 DEFAULT_TOKEN_LIFETIME = 3599
 CLIENT_SECRET_NAME = "dataverse-client-secret"
+CERTIFICATE_NAME = "dataverse-certificate"
+# The audience of a managed identity's token for workload identity federation (public cloud).
+TOKEN_EXCHANGE_AUDIENCE = "api://AzureADTokenExchange"
+CREDENTIAL_MODES = ("secret", "federated", "certificate")
 WEBHOOK_SECRET_NAME = "webhook-signing-secret"
 
 # The `default` sandbox has fixed ids so `make run --serve` and the README's curl examples are stable.
@@ -126,6 +130,7 @@ class SecretVersion:
     created: int
     enabled: bool = True
     content_type: str | None = None
+    managed: bool = False  # the secret side of a Key Vault certificate (read-only, has a kid)
 
 
 @dataclass
@@ -137,6 +142,40 @@ class ClientSecret:
 
     def expired(self, now: float | None = None) -> bool:
         return self.expires_at is not None and (time.time() if now is None else now) >= self.expires_at
+
+
+@dataclass
+class FederatedCredential:
+    """A federatedIdentityCredential of the app registration (Microsoft Graph's shape).
+
+    Entra matches issuer, subject and one of the audiences exactly (case-sensitive).
+    """
+
+    name: str
+    issuer: str
+    subject: str
+    audiences: list[str]
+
+    def matches(self, issuer: object, subject: object, audiences: list[str]) -> bool:
+        return (issuer == self.issuer and subject == self.subject
+                and any(a in self.audiences for a in audiences))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "issuer": self.issuer, "subject": self.subject,
+                "audiences": list(self.audiences)}
+
+
+@dataclass
+class RegisteredCertificate:
+    """A certificate (keyCredential, AsymmetricX509Cert) uploaded to the app registration."""
+
+    sha1: str  # upper-case hex thumbprints of the DER certificate
+    sha256: str
+    public_key: Any  # cryptography RSAPublicKey
+    not_after: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"thumbprint": self.sha1, "thumbprint_sha256": self.sha256, "not_after": self.not_after}
 
 
 class NoDataverse:
@@ -168,6 +207,9 @@ class Sandbox:
     mi_client_id: str = field(default_factory=_new_guid)
     identity_header: str = field(default_factory=lambda: _random.token_urlsafe(24))
     client_secrets: list[ClientSecret] = field(default_factory=list)
+    federated_credentials: list[FederatedCredential] = field(default_factory=list)
+    certificates: list[RegisteredCertificate] = field(default_factory=list)
+    credential_mode: str = "secret"  # what sandbox_env tells the app to use (DATAVERSE_CREDENTIAL)
     secrets: dict[str, list[SecretVersion]] = field(default_factory=dict)
     faults: list[Fault] = field(default_factory=list)
     latency: dict[str, float] = field(default_factory=dict)
@@ -230,14 +272,58 @@ class Sandbox:
             for secret in self.client_secrets:
                 secret.expires_at = now
 
+    def remove_client_secrets(self) -> None:
+        """No client secret at all: none on the app registration, none in Key Vault."""
+        with self.lock:
+            self.client_secrets = []
+        self.delete_secret(CLIENT_SECRET_NAME)
+
+    def add_federated_credential(self, credential: FederatedCredential) -> None:
+        with self.lock:
+            if any(c.name == credential.name for c in self.federated_credentials):
+                raise ValueError(f"a federated credential named {credential.name!r} already exists")
+            self.federated_credentials.append(credential)
+
+    def remove_federated_credentials(self) -> None:
+        with self.lock:
+            self.federated_credentials = []
+
+    def find_federated_credential(self, issuer: object, subject: object,
+                                  audiences: list[str]) -> FederatedCredential | None:
+        with self.lock:
+            found = [c for c in self.federated_credentials if c.matches(issuer, subject, audiences)]
+        return found[0] if found else None
+
+    def register_certificate(self, certificate: RegisteredCertificate) -> None:
+        with self.lock:
+            self.certificates = [c for c in self.certificates if c.sha1 != certificate.sha1]
+            self.certificates.append(certificate)
+
+    def unregister_certificate(self, thumbprint: str) -> bool:
+        with self.lock:
+            before = len(self.certificates)
+            self.certificates = [c for c in self.certificates
+                                 if thumbprint.upper() not in (c.sha1, c.sha256)]
+            return len(self.certificates) != before
+
+    def find_certificate(self, *, sha1: str | None = None,
+                         sha256: str | None = None) -> RegisteredCertificate | None:
+        with self.lock:
+            for certificate in self.certificates:
+                if ((sha256 and certificate.sha256 == sha256.upper())
+                        or (sha1 and certificate.sha1 == sha1.upper())):
+                    return certificate
+        return None
+
     def revoke_tokens(self) -> None:
         with self.lock:
             self.tokens_revoked_before = time.time()
 
     # --- Key Vault ----------------------------------------------------------------------------
-    def set_secret(self, name: str, value: str, *, content_type: str | None = None) -> SecretVersion:
+    def set_secret(self, name: str, value: str, *, content_type: str | None = None,
+                   managed: bool = False) -> SecretVersion:
         version = SecretVersion(value=value, version=uuid.uuid4().hex, created=int(time.time()),
-                                content_type=content_type)
+                                content_type=content_type, managed=managed)
         with self.lock:
             existing = next((k for k in self.secrets if k.lower() == name.lower()), name)
             self.secrets.setdefault(existing, []).append(version)
@@ -253,6 +339,15 @@ class Sandbox:
                 return next((v for v in versions if v.version == version.lower()), None)
             enabled = [v for v in versions if v.enabled]
             return enabled[-1] if enabled else None
+
+    def delete_secret(self, name: str) -> bool:
+        """Every version gone (a deleted and purged secret)."""
+        with self.lock:
+            key = next((k for k in self.secrets if k.lower() == name.lower()), None)
+            if key is None:
+                return False
+            del self.secrets[key]
+            return True
 
     def secret_versions(self, name: str) -> list[SecretVersion]:
         with self.lock:
@@ -272,7 +367,14 @@ class Sandbox:
                 "identity_header": self.identity_header,
                 "client_secret_name": CLIENT_SECRET_NAME,
                 "webhook_secret_name": WEBHOOK_SECRET_NAME,
+                "certificate_name": CERTIFICATE_NAME,
                 "token_lifetime": self.token_lifetime,
+                "credential_mode": self.credential_mode,
+                # The app registration's credentials (no values) and the vault's secret names.
+                "client_secrets": len(self.client_secrets),
+                "federated_credentials": [c.to_dict() for c in self.federated_credentials],
+                "certificates": [c.to_dict() for c in self.certificates],
+                "vault_secrets": sorted(name for name, versions in self.secrets.items() if versions),
             }
 
 
@@ -356,15 +458,22 @@ class Registry:
         return True
 
     # --- tokens -------------------------------------------------------------------------------
+    def federation_issuer(self, sandbox: Sandbox) -> str:
+        """The issuer of the managed identity's tokens for the token exchange.
+
+        Azure: ``https://login.microsoftonline.com/<tenant>/v2.0``; here the Entra emulator's host.
+        """
+        return f"{self.urls.get('entra', 'https://login.microsoftonline.com').rstrip('/')}/{sandbox.tenant_id}/v2.0"
+
     def issue_token(self, sandbox: Sandbox, audience: str, oid: str, appid: str,
-                    lifetime: int | None = None) -> tuple[str, int]:
-        """A v1-style access token for ``audience``; returns ``(token, exp)``."""
+                    lifetime: int | None = None, *, issuer: str | None = None) -> tuple[str, int]:
+        """A token for ``audience`` (v1-style unless ``issuer`` is given); returns ``(token, exp)``."""
         now = time.time()
         life = sandbox.token_lifetime if lifetime is None else lifetime
         exp = int(now) + int(life)
         claims = {
             "aud": audience,
-            "iss": f"https://sts.windows.net/{sandbox.tenant_id}/",
+            "iss": issuer or f"https://sts.windows.net/{sandbox.tenant_id}/",
             "tid": sandbox.tenant_id,
             "appid": appid,
             "oid": oid,
@@ -375,8 +484,10 @@ class Registry:
             "jti": uuid.uuid4().hex,
             # iat has whole seconds; revocation must not hit a token issued just after it.
             "xms_devstack_iat": now,
-            "ver": "1.0",
+            "ver": "2.0" if issuer else "1.0",
         }
+        if issuer:
+            claims["azp"] = appid
         return jwt.encode(claims, self._key, algorithm="HS256"), exp
 
     def verify_token(self, token: str, audience: str) -> dict[str, Any] | None:
@@ -395,6 +506,22 @@ class Registry:
         if issued < sandbox.tokens_revoked_before:
             return None
         return claims
+
+    def verify_assertion(self, token: str) -> tuple[dict[str, Any] | None, str]:
+        """Signature and lifetime of a token this stack issued, presented as a federated client assertion.
+
+        ``(claims, "")``, or ``(None, "expired" | "invalid")``; the audience is Entra's to match.
+        """
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token, self._key, algorithms=["HS256"], options={"verify_aud": False, "require": ["exp"]},
+                leeway=0,
+            )
+        except jwt.ExpiredSignatureError:
+            return None, "expired"
+        except jwt.PyJWTError:
+            return None, "invalid"
+        return claims, ""
 
     def sandbox_for_token(self, token: str, audience: str) -> tuple[Sandbox, dict[str, Any]] | None:
         claims = self.verify_token(token, audience)

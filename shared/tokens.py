@@ -23,10 +23,18 @@ token until five minutes before it expires, and answers two events azure-identit
 Entra's answer is classified from the ``error`` and ``error_codes`` of its JSON body (captured
 through azure-core's response hook, since the credential's exception keeps only a message),
 never from ``error_description`` text.
+
+The certificate's Key Vault secret is either ``application/x-pem-file`` (PEM text: private key and
+certificate) or ``application/x-pkcs12`` (the PFX, base64, no password): a PEM always starts with
+``-----BEGIN``, so the value alone says which, and the secret store stays content-type agnostic.
+In federated mode a failure of the managed identity itself is a ``managed_identity_*`` error (the
+identity endpoint, not Entra, is what to fix or wait for).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import os
@@ -57,8 +65,13 @@ INVALID_CLIENT_CODES = frozenset({7000215, 7000222})
 UNAUTHORIZED_CLIENT_CODES = frozenset({700016})
 INVALID_TENANT_CODES = frozenset({90002})
 INVALID_SCOPE_CODES = frozenset({70011, 500011})
-FEDERATION_MISMATCH_CODES = frozenset({70021})
+# 70021: no federated credential matches the assertion's issuer/subject/audience; the 7002xx forms name
+# which claim did not match (newer answers), 7002138: the subject matches only case-insensitively.
+FEDERATION_MISMATCH_CODES = frozenset({70021, 700211, 700212, 700213, 7002137, 7002138})
 INVALID_CERTIFICATE_CODES = frozenset({700027})
+# The assertion itself is unusable: expired / not yet valid (700024, a clock problem), malformed
+# (50027), issued for another client id (700021) or another token endpoint (50013).
+INVALID_ASSERTION_CODES = frozenset({700024, 50027, 700021, 50013})
 TOKEN_EXCHANGE_SCOPE = "api://AzureADTokenExchange/.default"  # noqa: S105 (a scope, not a secret)
 # What a rejected credential of each mode is classified as; these (and only these) trigger a re-read.
 _ROTATABLE = {
@@ -157,6 +170,7 @@ class TokenProvider:
         self._token: _Token | None = None
         self._flight: SingleFlight[str] = SingleFlight()
         self._identity: TokenCredential | None = None  # federated mode: the managed identity
+        self._local = threading.local()  # federated mode: claims of this thread's last assertion
         self.requests = 0  # token requests sent through a credential (for diagnostics and tests)
 
     # -- public -----------------------------------------------------------------------------------
@@ -229,6 +243,7 @@ class TokenProvider:
     def _request(self, secret: str) -> _Token:
         credential = self._credential_for(secret)
         self._probe.reset()
+        self._local.assertion = None
         self.requests += 1
         started = self._clock()
         try:
@@ -280,7 +295,17 @@ class TokenProvider:
         if mode == "certificate":
             from azure.identity import CertificateCredential
 
-            return CertificateCredential(s.tenant_id, s.client_id, certificate_data=secret.encode(), **common)
+            try:
+                return CertificateCredential(
+                    s.tenant_id, s.client_id, certificate_data=certificate_bytes(secret), **common
+                )
+            except ValueError as exc:
+                raise AuthError(
+                    f"Key Vault secret '{s.certificate_name}' ({self._secrets.vault_url}) holds no usable "
+                    "certificate: a Key Vault certificate with its private key is expected (content type "
+                    f"application/x-pem-file or application/x-pkcs12, not password-protected) ({exc}).",
+                    code="keyvault_certificate_invalid",
+                ) from exc
         from azure.identity import ClientSecretCredential
 
         return ClientSecretCredential(s.tenant_id, s.client_id, secret, **common)
@@ -290,6 +315,8 @@ class TokenProvider:
 
         Asked for at each token request (the MI endpoint caches it), so an expired assertion is never sent.
         """
+        from shared.secrets import classify_identity_failure
+
         with self._lock:
             if self._identity is None:
                 from azure.identity import ManagedIdentityCredential
@@ -299,9 +326,23 @@ class TokenProvider:
                     connection_timeout=AUTH_TIMEOUT_SECONDS,
                     read_timeout=AUTH_TIMEOUT_SECONDS,
                     retry_total=AUTH_RETRIES,
+                    retry_backoff_factor=0.5,
+                    retry_backoff_max=4,
                 )
             identity = self._identity
-        return identity.get_token(TOKEN_EXCHANGE_SCOPE).token
+        try:
+            assertion = identity.get_token(TOKEN_EXCHANGE_SCOPE).token
+        except Exception as exc:
+            cause = classify_identity_failure(exc)
+            raise AuthError(
+                "The managed identity gave no token for api://AzureADTokenExchange, the client assertion of "
+                f"DATAVERSE_CREDENTIAL=federated ({cause.code}): {cause.message}",
+                code=cause.code,
+                transient=cause.transient,
+                status=cause.status,
+            ) from exc
+        self._local.assertion = assertion_claims(assertion)
+        return assertion
 
     def _classify(self, exc: BaseException) -> AuthError:
         answer = self._probe.answer or _answer_from_exception(exc)
@@ -310,10 +351,24 @@ class TokenProvider:
             codes = set(answer.error_codes)
             aadsts = answer.error_codes[0] if answer.error_codes else None
             if codes & FEDERATION_MISMATCH_CODES:
-                return AuthError(
+                presented: dict[str, Any] = getattr(self._local, "assertion", None) or {}
+                error = AuthError(
                     f"Entra ID found no federated credential on the app registration {s.client_id} that "
-                    f"matches the managed identity's token (AADSTS{aadsts}).",
+                    f"matches the managed identity's token (AADSTS{aadsts}): issuer "
+                    f"{presented.get('issuer', '?')}, subject {presented.get('subject', '?')}, audience "
+                    f"{presented.get('audience', '?')}.",
                     code="entra_federation_mismatch",
+                    status=answer.status,
+                    aadsts=aadsts,
+                )
+                error.details = [presented] if presented else []
+                return error
+            if codes & INVALID_ASSERTION_CODES:
+                return AuthError(
+                    f"Entra ID refused the client assertion of DATAVERSE_CREDENTIAL={s.credential} "
+                    f"(AADSTS{aadsts}): expired or not yet valid (check the clock), malformed, or made for "
+                    "another client id or token endpoint.",
+                    code="entra_invalid_assertion",
                     status=answer.status,
                     aadsts=aadsts,
                 )
@@ -408,3 +463,66 @@ class TokenProvider:
             status=cause.status,
             aadsts=cause.aadsts,
         )
+
+
+def certificate_bytes(value: str) -> bytes:
+    """The bytes CertificateCredential takes, from a Key Vault certificate's secret value (PEM or PFX).
+
+    Raises ValueError when the value is neither PEM text nor base64.
+    """
+    text = value.strip()
+    if text.startswith("-----BEGIN"):
+        return text.encode()
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("neither PEM text nor a base64-encoded PFX") from None
+
+
+@dataclass(frozen=True)
+class CertificateInfo:
+    """What diagnostics shows about the certificate in Key Vault (public facts only)."""
+
+    thumbprint: str  # SHA-1, upper-case hex: the portal's "Thumbprint" column
+    subject: str
+    not_after: float
+
+
+def describe_certificate(value: str) -> CertificateInfo:
+    """Thumbprint, subject and expiry of a Key Vault certificate's secret value; ValueError if unusable."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
+    data = certificate_bytes(value)
+    if data.startswith(b"-----BEGIN"):
+        serialization.load_pem_private_key(data, password=None)
+        certificate = x509.load_pem_x509_certificate(data)
+    else:
+        key, loaded, _ = pkcs12.load_key_and_certificates(data, None)
+        if key is None or loaded is None:
+            raise ValueError("the PFX holds no private key or no certificate")
+        certificate = loaded
+    return CertificateInfo(
+        thumbprint=certificate.fingerprint(hashes.SHA1()).hex().upper(),  # noqa: S303 (an identifier)
+        subject=certificate.subject.rfc4514_string(),
+        not_after=certificate.not_valid_after_utc.timestamp(),
+    )
+
+
+def assertion_claims(assertion: str) -> dict[str, str]:
+    """Issuer, subject and audience of a client assertion, for the fix text (never the token itself)."""
+    try:
+        payload = assertion.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):
+        return {}
+    if not isinstance(claims, dict):
+        return {}
+    aud = claims.get("aud")
+    audience = " ".join(a for a in aud if isinstance(a, str)) if isinstance(aud, list) else aud
+    return {
+        k: str(v)
+        for k, v in (("issuer", claims.get("iss")), ("subject", claims.get("sub")), ("audience", audience))
+        if isinstance(v, str)
+    }
