@@ -45,6 +45,9 @@ param dataverseCredential string = 'secret'
 @description('DATAVERSE_CERTIFICATE_NAME: Key Vault certificate used when dataverseCredential is certificate.')
 param dataverseCertificateName string = 'dataverse-certificate'
 
+@description('federated only: uniqueName of the app registration, to add its federated credential (trusting the app\'s managed identity) with the Microsoft Graph Bicep extension; needs Application.ReadWrite.All. Empty: run the command in the FEDERATED_CREDENTIAL_COMMAND output (docs/credentials.md).')
+param dataverseAppUniqueName string = ''
+
 @description('WEBHOOK_SECRET_NAME: Key Vault secret that holds the webhook signing key.')
 param webhookSecretName string = 'webhook-signing-secret'
 
@@ -198,6 +201,8 @@ module keyVault 'modules/keyvault.bicep' = {
     clientSecretName: dataverseClientSecretName
     webhookSecretName: webhookSecretName
     dataverseClientSecret: dataverseClientSecret
+    // The client secret is written only in the secret mode (federated and certificate need none).
+    dataverseCredential: dataverseCredential
     webhookSigningSecret: webhookSigningSecret
     workspaceId: monitoring.outputs.workspaceId
   }
@@ -215,6 +220,18 @@ module rbac 'modules/rbac.bicep' = {
     applicationInsightsName: monitoring.outputs.applicationInsightsName
   }
 }
+
+// federated: the app registration trusts the managed identity (issuer = the tenant's v2.0 issuer,
+// subject = the identity's principal id, audience api://AzureADTokenExchange).
+module federatedCredential 'graph/federated-credential.bicep' = if ((dataverseCredential == 'federated') && !empty(dataverseAppUniqueName)) {
+  name: 'federated-credential'
+  params: {
+    appUniqueName: dataverseAppUniqueName
+    identityPrincipalId: identity.outputs.principalId
+  }
+}
+
+var federatedIssuer = '${environment().authentication.loginEndpoint}${tenant().tenantId}/v2.0'
 
 module functionApp 'modules/functionapp.bicep' = {
   name: 'functionapp'
@@ -273,3 +290,6 @@ output AZURE_STORAGE_QUEUE_ENDPOINT string = storage.outputs.queueEndpoint
 output SYNC_QUEUE_NAME string = syncQueueName
 output AZURE_USER_ASSIGNED_IDENTITY_CLIENT_ID string = identity.outputs.clientId
 output APPLICATIONINSIGHTS_NAME string = monitoring.outputs.applicationInsightsName
+output AZURE_USER_ASSIGNED_IDENTITY_PRINCIPAL_ID string = identity.outputs.principalId
+// federated without dataverseAppUniqueName: the one command that adds the federated credential.
+output FEDERATED_CREDENTIAL_COMMAND string = ((dataverseCredential == 'federated') && empty(dataverseAppUniqueName)) ? 'az ad app federated-credential create --id ${dataverseClientId} --parameters \'{"name":"function-app-identity","issuer":"${federatedIssuer}","subject":"${identity.outputs.principalId}","audiences":["api://AzureADTokenExchange"]}\'' : ''

@@ -12,6 +12,12 @@ enabled user other than the application user, or of ``?email=``): Dataverse chec
 ``prvActOnBehalfOfAnotherUser`` on any request carrying a caller header, reads included, and answers
 403 ``0x8004A110`` without it.  A caller id equal to the application user's own is not used, because
 impersonating yourself proves nothing.
+
+The credential step follows ``DATAVERSE_CREDENTIAL``: ``key_vault_secret`` reads the client secret,
+``key_vault_certificate`` reads the certificate and shows its thumbprint (what must be uploaded to the
+app registration), ``federation_token`` asks the managed identity for its token-exchange token and
+shows its issuer/subject/audience (what the federated credential must match); a federated mismatch's
+fix is the exact ``az ad app federated-credential create`` command with those values.
 """
 
 from __future__ import annotations
@@ -46,11 +52,38 @@ STEPS = (
     "dataverse_whoami",
     "impersonation",
 )
+# The third step by DATAVERSE_CREDENTIAL (STEPS above is the secret mode's walk).
+CREDENTIAL_STEPS = {
+    "secret": "key_vault_secret",
+    "certificate": "key_vault_certificate",
+    "federated": "federation_token",
+}
+TOKEN_EXCHANGE_AUDIENCE = "api://AzureADTokenExchange"  # noqa: S105 (an audience, not a secret)
 
 
-def _fix(error: SyncError, settings: Settings | None) -> str:
+def steps_for(mode: str) -> tuple[str, ...]:
+    """The step names of a walk in credential ``mode``."""
+    return tuple(CREDENTIAL_STEPS.get(mode, name) if name == "key_vault_secret" else name for name in STEPS)
+
+
+def federated_credential_command(client_id: str, issuer: str, subject: str) -> str:
+    """The Azure CLI command that adds the federated credential the app registration lacks."""
+    parameters = json.dumps(
+        {
+            "name": "function-app-identity",
+            "issuer": issuer,
+            "subject": subject,
+            "audiences": [TOKEN_EXCHANGE_AUDIENCE],
+        },
+        separators=(",", ":"),
+    )
+    return f"az ad app federated-credential create --id {client_id} --parameters '{parameters}'"
+
+
+def _fix(error: SyncError, settings: Settings | None, seen: Mapping[str, str] | None = None) -> str:
     """What an operator should do about ``error``: the one fix text of its code (shared.errors.FIXES),
-    with this app's names filled in; never contains a secret."""
+    with this app's names filled in, plus what only this walk knows (the federated credential's exact
+    command, the certificate's thumbprint); never contains a secret."""
     values: dict[str, str | None] = {"setting": getattr(error, "setting", None)}
     if settings is not None:
         values |= {
@@ -58,7 +91,45 @@ def _fix(error: SyncError, settings: Settings | None) -> str:
             "secret": settings.client_secret_name, "vault": settings.key_vault_url,
             "url": settings.dataverse_url,
         }
-    return fix_for(error.code, **values)
+        if settings.credential == "certificate":
+            values |= {"certificate": settings.certificate_name, "vault_name": _vault_name(settings)}
+    text = fix_for(error.code, **values)
+    extra = _credential_detail(error, settings, seen or {})
+    return f"{text}\n{extra}" if extra else text
+
+
+def _vault_name(settings: Settings) -> str:
+    return settings.key_vault_url.removeprefix("https://").split(".")[0]
+
+
+def _credential_detail(error: SyncError, settings: Settings | None, seen: Mapping[str, str]) -> str | None:
+    """The federated and certificate modes' specifics, when this walk knows them."""
+    code = error.code
+    mode = settings.credential if settings is not None else "secret"
+    client = settings.client_id if settings is not None else "<DATAVERSE_CLIENT_ID>"
+    if code == "entra_federation_mismatch":
+        presented = {**seen, **(error.details[0] if error.details else {})}
+        if mode != "federated" and not presented:
+            return None
+        tenant = settings.tenant_id if settings is not None else "<DATAVERSE_TENANT_ID>"
+        issuer = presented.get("issuer") or f"https://login.microsoftonline.com/{tenant}/v2.0"
+        subject = presented.get("subject") or "<principal (object) id of the Function App's managed identity>"
+        return f"Exactly: {federated_credential_command(client, issuer, subject)}"
+    if code == "entra_invalid_certificate" and settings is not None and mode == "certificate":
+        thumbprint = seen.get("thumbprint")
+        which = f"the certificate with thumbprint {thumbprint}" if thumbprint else "the certificate"
+        return (
+            f"Upload {which}: `az keyvault certificate download --vault-name {_vault_name(settings)} --name "
+            f"{settings.certificate_name} --file cert.pem` then `az ad app credential reset --id {client} "
+            "--cert @cert.pem --append`."
+        )
+    if code.startswith("managed_identity_") and mode == "federated":
+        return (
+            "DATAVERSE_CREDENTIAL=federated needs the managed identity for every new token: AZURE_CLIENT_ID must "
+            "be the client id of the user-assigned identity whose principal id is the federated credential's "
+            "subject."
+        )
+    return None
 
 
 def _claims(token: str) -> dict[str, Any]:
@@ -120,20 +191,27 @@ class _Walk:
         self.failed: str | None = None
         self.settings: Settings | None = None
         self.retry_after: int | None = None
+        self.seen: dict[str, str] = {}  # facts a fix may quote (federation claims, certificate thumbprint)
 
     def run(self, name: str, action: Callable[[], str], *, blocking: bool = True) -> bool:
         if self.failed is not None:
-            self.steps.append({
-                "name": name, "ok": False, "skipped": True, "ms": 0,
-                "detail": f"not run: {self.failed} failed", "fix": None,
-            })
+            self.steps.append(
+                {
+                    "name": name,
+                    "ok": False,
+                    "skipped": True,
+                    "ms": 0,
+                    "detail": f"not run: {self.failed} failed",
+                    "fix": None,
+                }
+            )
             return False
         started = time.perf_counter()
         ok, fix, detail = True, None, ""
         try:
             detail = action()
         except SyncError as exc:
-            ok, detail, fix = False, f"{exc.code}: {exc.message}", _fix(exc, self.settings)
+            ok, detail, fix = False, f"{exc.code}: {exc.message}", _fix(exc, self.settings, self.seen)
             retry_after = getattr(exc, "retry_after", None)  # Dataverse's Retry-After, for the 503
             if exc.transient and isinstance(retry_after, int | float) and math.isfinite(retry_after):
                 self.retry_after = max(self.retry_after or 0, max(1, math.ceil(retry_after)))
@@ -177,10 +255,15 @@ def run_diagnostics(
             walk.settings = settings_factory()
         s = walk.settings
         state["runtime"] = runtime_factory(s)
+        material = {
+            "secret": f"secret={s.client_secret_name}",
+            "certificate": f"certificate={s.certificate_name}",
+            "federated": "no secret (managed identity as federated credential)",
+        }.get(s.credential, "")
         return (
             f"DATAVERSE_URL={s.dataverse_url} DATAVERSE_TENANT_ID={s.tenant_id} "
             f"DATAVERSE_CLIENT_ID={s.client_id} KEY_VAULT_URL={s.key_vault_url} "
-            f"secret={s.client_secret_name} api={s.api_version}"
+            f"DATAVERSE_CREDENTIAL={s.credential} {material} api={s.api_version}"
         )
 
     def identity_step() -> str:
@@ -191,6 +274,36 @@ def run_diagnostics(
         assert walk.settings is not None
         state["runtime"].secrets.get(walk.settings.client_secret_name)
         return f"read secret {walk.settings.client_secret_name} from {walk.settings.key_vault_url}"
+
+    def certificate_step() -> str:
+        from shared.errors import AuthError
+        from shared.tokens import describe_certificate
+
+        s = walk.settings
+        assert s is not None
+        value = state["runtime"].secrets.get(s.certificate_name)
+        try:
+            info = describe_certificate(value)
+        except ValueError as exc:
+            raise AuthError(
+                f"Key Vault secret '{s.certificate_name}' holds no usable certificate ({exc})",
+                code="keyvault_certificate_invalid",
+            ) from exc
+        walk.seen["thumbprint"] = info.thumbprint
+        days = int((info.not_after - time.time()) // 86400)
+        return (
+            f"read certificate {s.certificate_name} from {s.key_vault_url}: thumbprint {info.thumbprint}, "
+            f"subject {info.subject}, expires in {days} days (this thumbprint must be registered on the app)"
+        )
+
+    def federation_step() -> str:
+        claims = state["runtime"].tokens.federation_claims()
+        walk.seen.update(claims)
+        return (
+            f"managed identity token for {TOKEN_EXCHANGE_AUDIENCE}: issuer {claims.get('issuer')}, subject "
+            f"{claims.get('subject')}, audience {claims.get('audience')} (the app registration's federated "
+            "credential must match these exactly)"
+        )
 
     def webhook_secret_step() -> str:
         assert walk.settings is not None
@@ -203,8 +316,10 @@ def run_diagnostics(
             return "token received"
         expires = claims.get("exp")
         left = f", expires in {int(expires - time.time())} s" if isinstance(expires, int | float) else ""
-        return (f"token for {claims.get('aud')} issued to app {claims.get('appid') or claims.get('azp')} "
-                f"in tenant {claims.get('tid')}{left}")
+        return (
+            f"token for {claims.get('aud')} issued to app {claims.get('appid') or claims.get('azp')} "
+            f"in tenant {claims.get('tid')}{left}"
+        )
 
     def whoami_step() -> str:
         answer = state["runtime"].dataverse.whoami()
@@ -216,8 +331,10 @@ def run_diagnostics(
                 code="dataverse_malformed_response",
             )
         state["app_user_id"] = str(user_id).lower()
-        return (f"application user {answer.get('UserId')} in business unit {answer.get('BusinessUnitId')}, "
-                f"organization {answer.get('OrganizationId')}")
+        return (
+            f"application user {answer.get('UserId')} in business unit {answer.get('BusinessUnitId')}, "
+            f"organization {answer.get('OrganizationId')}"
+        )
 
     def impersonation_step() -> str:
         runtime = state["runtime"]
@@ -229,8 +346,10 @@ def run_diagnostics(
         else:
             user = _other_user(runtime, app_user_id)
             if user is None:
-                return ("not checked: no enabled user other than the application user was found; "
-                        "call /api/diagnostics?email=<address> to check with a given user")
+                return (
+                    "not checked: no enabled user other than the application user was found; "
+                    "call /api/diagnostics?email=<address> to check with a given user"
+                )
         if user.systemuserid.lower() == app_user_id:
             return "not checked: the chosen user is the application user itself"
         header = user.caller().headers()
@@ -248,7 +367,9 @@ def run_diagnostics(
 
     walk.run("settings", settings_step)
     walk.run("managed_identity", identity_step)
-    walk.run("key_vault_secret", secret_step)
+    mode = walk.settings.credential if walk.settings is not None else "secret"
+    credential_steps = {"secret": secret_step, "certificate": certificate_step, "federated": federation_step}
+    walk.run(CREDENTIAL_STEPS.get(mode, "key_vault_secret"), credential_steps.get(mode, secret_step))
     walk.run("webhook_secret", webhook_secret_step, blocking=False)
     walk.run("entra_token", token_step)
     walk.run("dataverse_whoami", whoami_step)

@@ -181,6 +181,10 @@ class TokenProvider:
             return token.value
         return self._flight.do("token", self._fetch_if_needed)
 
+    def federation_claims(self) -> dict[str, str]:
+        """Issuer, subject and audience of the managed identity's token-exchange token (diagnostics)."""
+        return assertion_claims(self._assertion())
+
     def invalidate(self, token: str) -> None:
         """Forget ``token`` (Dataverse refused it); a token already replaced by another caller stays."""
         with self._lock:

@@ -29,6 +29,14 @@ param webhookSecretName string
 @description('Dataverse client secret; written only when not empty. Prefer `az keyvault secret set` after deployment.')
 param dataverseClientSecret string = ''
 
+@description('DATAVERSE_CREDENTIAL: the client secret exists only in the secret mode (federated and certificate need none).')
+@allowed([
+  'secret'
+  'federated'
+  'certificate'
+])
+param dataverseCredential string = 'secret'
+
 @secure()
 @description('Webhook signing key; written only when not empty.')
 param webhookSigningSecret string = ''
@@ -71,7 +79,7 @@ resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
   }
 }
 
-resource clientSecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = if (!empty(dataverseClientSecret)) {
+resource clientSecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = if ((dataverseCredential == 'secret') && !empty(dataverseClientSecret)) {
   parent: vault
   name: clientSecretName
   //checkov:skip=CKV_AZURE_114: contentType is set below; checkov does not read the properties of a conditional (if) resource

@@ -6,6 +6,7 @@ so a check that stopped looking would be caught too.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -571,6 +572,84 @@ def outputs_for_azd(infra: Infra) -> None:
     assert infra.main.json["globals"]["scope"]["value"] == "resourceGroup"
 
 
+def _equals(expr: object, left: str, right: str) -> bool:
+    """``expr`` is, or contains, the comparison ``left == right`` (pycep's tree)."""
+    if isinstance(expr, Mapping):
+        op = expr.get("operator")
+        if isinstance(op, Mapping) and op.get("type") == "equals":
+            operands = op.get("operands") or {}
+            if {operands.get("operand_1"), operands.get("operand_2")} == {left, right}:
+                return True
+        return any(_equals(v, left, right) for v in expr.values())
+    if isinstance(expr, list):
+        return any(_equals(v, left, right) for v in expr)
+    return False
+
+
+GRAPH_FIC = "Microsoft.Graph/applications/federatedIdentityCredentials"
+
+
+def credential_modes(infra: Infra) -> None:
+    """DATAVERSE_CREDENTIAL is a parameter; no client secret outside the secret mode; the federated
+    credential trusts exactly the app's identity (Graph Bicep extension), else the az command is output."""
+    main = infra.main
+    assert set(main.allowed("dataverseCredential") or []) == {"secret", "federated", "certificate"}
+    assert main.default("dataverseCredential") == "secret", "today's behaviour stays the default"
+    assert app_settings_of(infra)["DATAVERSE_CREDENTIAL"] == "dataverseCredential"
+    assert _main_source(infra, "functionapp", "dataverseCredential") == "dataverseCredential"
+
+    # No Key Vault secret for the client secret unless the mode is `secret`.
+    vault = infra["keyvault"]
+    assert _main_source(infra, "keyvault", "dataverseCredential") == "dataverseCredential"
+    secrets = vault.resources(f"{VAULT}/secrets")
+    client_secret = next(r for r in secrets if r.get("name") == "clientSecretName")
+    assert _equals(client_secret.condition, "dataverseCredential", "secret"), (
+        "the client secret must be written only when dataverseCredential is secret"
+    )
+
+    # federated, with the app's uniqueName: the Graph extension adds the federated credential.
+    symbol = infra.module_symbol("federated-credential")
+    module = main.modules[symbol]
+    condition = module["config"].get("condition")
+    assert _equals(condition, "dataverseCredential", "federated"), "deployed in federated mode only"
+    assert "dataverseAppUniqueName" in identifiers(condition), "deployed only when the app can be addressed"
+    assert main.default("dataverseAppUniqueName") == "", "opt-in: Graph permissions are not everyone's"
+    params = main.module_params(symbol)
+    assert params["appUniqueName"] == "dataverseAppUniqueName"
+    assert _from_module_output(infra, params["identityPrincipalId"], "identity", "principalId"), (
+        "the subject is the principal (object) id of the app's user-assigned identity"
+    )
+    graph = infra["federated-credential"]
+    assert "microsoftGraphV1" in (graph.json.get("extensions") or {}), "extension microsoftGraphV1"
+    fic = graph.resource(GRAPH_FIC)
+    assert fic.api_version == "v1.0"
+    assert fic.get("audiences") == ["api://AzureADTokenExchange"]
+    assert fic.get("subject") == "identityPrincipalId"
+    issuer = fic.get("issuer")
+    assert issuer == "${environment().authentication.loginEndpoint}${tenant().tenantId}/v2.0", (
+        f"issuer must be the tenant's v2.0 issuer, got {issuer!r}"
+    )
+    app = graph.symbol("app")
+    assert app.existing and app.get("uniqueName") == "appUniqueName", (
+        "the existing app registration, never a new one"
+    )
+    config = infra.root / "bicepconfig.json"
+    assert config.is_file(), "infra/bicepconfig.json names the extension's registry"
+    extensions = json.loads(config.read_text())["extensions"]
+    registry = "br:mcr.microsoft.com/bicep/extensions/microsoftgraph/v1.0:"
+    assert extensions["microsoftGraphV1"].startswith(registry)
+
+    # federated without it: the exact command, with the same issuer/subject/audience, is an output.
+    command = main.outputs["FEDERATED_CREDENTIAL_COMMAND"]["value"]
+    assert _equals(command, "dataverseCredential", "federated")
+    text = str(command).replace("\\", "")
+    for part in ("az ad app federated-credential create --id ${dataverseClientId} --parameters '{",
+                 '"issuer":"${federatedIssuer}"', '"subject":"${identity.outputs.principalId}"',
+                 '"audiences":["api://AzureADTokenExchange"]'):
+        assert part in text, f"FEDERATED_CREDENTIAL_COMMAND lacks {part}"
+    assert main.variables["federatedIssuer"] == issuer
+
+
 ALL: dict[str, Callable[[Infra], None]] = {
     "storage": storage,
     "storage_network": storage_network,
@@ -584,4 +663,5 @@ ALL: dict[str, Callable[[Infra], None]] = {
     "diagnostics": diagnostics,
     "secrets_stay_in_key_vault": secrets_stay_in_key_vault,
     "outputs_for_azd": outputs_for_azd,
+    "credential_modes": credential_modes,
 }

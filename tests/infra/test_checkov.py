@@ -32,7 +32,10 @@ def _checkov() -> str:
 @pytest.fixture(scope="module")
 def report() -> dict[str, Any]:
     completed = subprocess.run(
-        [_checkov(), "--framework", "bicep", "--skip-download", "--output", "json", "-d", str(INFRA)],
+        # graph/ holds the Microsoft Graph extension module: checkov's pycep (0.5) cannot parse the
+        # `extension` keyword and has no Graph checks; test_templates checks it (newer pycep) instead.
+        [_checkov(), "--framework", "bicep", "--skip-download", "--output", "json", "-d", str(INFRA),
+         "--skip-path", "graph/"],
         cwd=ROOT,
         capture_output=True,
         text=True,
