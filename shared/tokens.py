@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from azure.core.credentials import TokenCredential
     from azure.core.pipeline import PipelineResponse
 
+    from shared.secrets import _IdentityProbe
     from shared.settings import Settings
 
 logger = logging.getLogger("shared.tokens")
@@ -170,6 +171,7 @@ class TokenProvider:
         self._token: _Token | None = None
         self._flight: SingleFlight[str] = SingleFlight()
         self._identity: TokenCredential | None = None  # federated mode: the managed identity
+        self._identity_probe: _IdentityProbe | None = None
         self._local = threading.local()  # federated mode: claims of this thread's last assertion
         self.requests = 0  # token requests sent through a credential (for diagnostics and tests)
 
@@ -245,6 +247,17 @@ class TokenProvider:
         return s.certificate_name if s.credential == "certificate" else s.client_secret_name
 
     def _request(self, secret: str) -> _Token:
+        stale = self._token
+        token = self._request_once(secret)
+        if stale is not None and token.value == stale.value:
+            # The credential's own cache handed back the token being replaced (azure-identity's
+            # ClientAssertionCredential waits 30 s between refresh attempts): ask a new credential.
+            with self._lock:
+                self._drop_credential()
+            token = self._request_once(secret)
+        return token
+
+    def _request_once(self, secret: str) -> _Token:
         credential = self._credential_for(secret)
         self._probe.reset()
         self._local.assertion = None
@@ -319,25 +332,32 @@ class TokenProvider:
 
         Asked for at each token request (the MI endpoint caches it), so an expired assertion is never sent.
         """
-        from shared.secrets import classify_identity_failure
+        from shared.secrets import _IdentityProbe, classify_identity_failure
 
         with self._lock:
             if self._identity is None:
                 from azure.identity import ManagedIdentityCredential
 
+                # The probe sees the identity endpoint's status, which MSAL's error does not keep
+                # (a 500 becomes "invalid_scope"): outage and misconfiguration stay apart.
+                self._identity_probe = _IdentityProbe()
                 self._identity = ManagedIdentityCredential(
                     client_id=os.environ.get("AZURE_CLIENT_ID") or None,
+                    raw_request_hook=self._identity_probe.on_request,
+                    raw_response_hook=self._identity_probe.on_response,
                     connection_timeout=AUTH_TIMEOUT_SECONDS,
                     read_timeout=AUTH_TIMEOUT_SECONDS,
                     retry_total=AUTH_RETRIES,
                     retry_backoff_factor=0.5,
                     retry_backoff_max=4,
                 )
-            identity = self._identity
+            identity, probe = self._identity, self._identity_probe
+        assert probe is not None
+        probe.reset()
         try:
             assertion = identity.get_token(TOKEN_EXCHANGE_SCOPE).token
         except Exception as exc:
-            cause = classify_identity_failure(exc)
+            cause = classify_identity_failure(exc, probe)
             raise AuthError(
                 "The managed identity gave no token for api://AzureADTokenExchange, the client assertion of "
                 f"DATAVERSE_CREDENTIAL=federated ({cause.code}): {cause.message}",
