@@ -41,7 +41,7 @@ from devstack import azurite
 from devstack.control import SandboxClient, Stack
 from devstack.host import DEFAULT_FUNCTION_KEY, DEFAULT_MASTER_KEY
 from devstack.processes import spawn
-from devstack.sandboxes import WEBHOOK_SECRET_NAME
+from devstack.sandboxes import CLIENT_SECRET_NAME, CREDENTIAL_MODES, WEBHOOK_SECRET_NAME
 
 if TYPE_CHECKING:
     from azure.storage.queue import QueueServiceClient
@@ -455,6 +455,7 @@ class Options:
     fixed_ports: bool = True
     timeout: float = 120.0
     json_path: Path | None = None
+    credential: str = "secret"  # DATAVERSE_CREDENTIAL: secret | federated | certificate
 
 
 @dataclass
@@ -470,6 +471,8 @@ class Result:
     problems: list[str] = field(default_factory=list)
     state_dir: str = ""
     pids: list[int] = field(default_factory=list)  # the children, so a test can check none survived
+    credential: str = "secret"
+    client_secrets: list[str] = field(default_factory=list)  # where a client secret exists (should: nowhere)
 
     def to_json(self) -> dict[str, Any]:
         reasons = Counter(str(d.get("reason")) for d in self.outcome.dead.values())
@@ -490,6 +493,8 @@ class Result:
             "problems": self.problems,
             "stateDir": self.state_dir,
             "pids": self.pids,
+            "credential": self.credential,
+            "clientSecretsFound": self.client_secrets,
         }
 
 
@@ -537,6 +542,10 @@ class Demo:
         stack.wait_for(r"^devstack ready ", 90, what="starting")
         self.stack = Stack.from_state(state)
         self.sandbox = self.stack.sandbox("default")
+        if self.options.credential != "secret":
+            # As an operator would: the federated credential (or a registered certificate in Key Vault)
+            # on the app registration, and the client secret deleted from it and from Key Vault.
+            self.sandbox.use_credential(self.options.credential)
         urls = self.stack.urls
         ports = " · ".join(f"{label} :{urlsplit(urls[name]).port}" for name, label in (
             ("entra", "Entra"), ("keyvault", "Key Vault"), ("dataverse", "Dataverse"), ("identity", "MSI")))
@@ -724,7 +733,8 @@ class Demo:
     def run(self) -> Result:
         assert self.sandbox is not None
         result = Result(jobs=self.options.jobs, state_dir=str(self.state_dir),
-                        pids=[child.process.pid for child in self.children])
+                        pids=[child.process.pid for child in self.children],
+                        credential=self.options.credential)
         plan = plan_jobs(self.options.jobs)
         users = Users.load(self.sandbox)
         deadline = time.monotonic() + self.options.timeout
@@ -816,10 +826,16 @@ class Demo:
         self.out.heading("Requests the Function App made for the jobs (emulator counters)")
         c = result.counters
         dataverse = c.get("dataverse", {})
+        mode = self.options.credential
+        reads = {"secret": "client secret + webhook signing key, once each",
+                 "certificate": "certificate + webhook signing key, once each",
+                 "federated": "webhook signing key only: no client secret exists"}[mode]
+        exchange = c.get("identity", {}).get("token-exchange", 0)
         rows = [
-            ("managed identity tokens", c.get("identity", {}).get("GET msi", 0), "for Key Vault"),
-            ("Key Vault secret reads", c.get("keyvault", {}).get("GET secret", 0),
-             "client secret + webhook signing key, once each"),
+            ("managed identity tokens", c.get("identity", {}).get("GET msi", 0),
+             f"{c.get('identity', {}).get('GET msi', 0) - exchange} for Key Vault + {exchange} for the token "
+             "exchange (the client assertion)" if exchange else "for Key Vault"),
+            ("Key Vault secret reads", c.get("keyvault", {}).get("GET secret", 0), reads),
             ("Entra token requests", c.get("entra", {}).get("POST token", 0),
              "one token, reused for every call"),
             ("systemusers lookups", dataverse.get("GET systemusers", 0),
@@ -835,6 +851,11 @@ class Demo:
         ]
         for label, count, note in rows:
             self.out.line(f"      {label:<26} {count:>5}  {note}")
+        if mode != "secret":
+            result.client_secrets = self.client_secrets_left()
+            self.out.line(f"      DATAVERSE_CREDENTIAL={mode}: client secrets on the app registration, "
+                          f"in Key Vault, in settings: {', '.join(result.client_secrets) or 'none'} "
+                          f"→ {self.out.ok(not result.client_secrets)}")
 
         if result.reconciliation:
             r = result.reconciliation
@@ -849,7 +870,7 @@ class Demo:
         result.ok = (not result.unexpected and not outcome.wrong_user and outcome.poison == 0
                      and len(outcome.written) == len(plan) - expected_dead
                      and outcome.dead_total == expected_dead and bool(result.reconciliation)
-                     and not result.problems)
+                     and not result.problems and not result.client_secrets)
         as_expected = sum(1 for p in plan if p.expect != WRITTEN
                           and (outcome.dead.get(p.id) or {}).get("reason") == p.expect)
         self.out.step(5, f"Accounting: {len(plan)} jobs = {len(outcome.written)} written as the right user"
@@ -861,6 +882,19 @@ class Demo:
             self.out.line(f"      {problem}")
 
     # -- --serve
+
+    def client_secrets_left(self) -> list[str]:
+        """Where a client secret still exists: the app registration, the vault, the app's settings."""
+        assert self.sandbox is not None
+        view = self.sandbox.show()
+        found = []
+        if view.get("client_secrets"):
+            found.append(f"{view['client_secrets']} on the app registration")
+        names = [n for n in view.get("vault_secrets", []) if n.lower() == CLIENT_SECRET_NAME.lower()]
+        found += [f"Key Vault secret {n}" for n in names]
+        found += [f"setting {k}" for k in self.settings
+                  if "CLIENT_SECRET" in k.upper() and k != "DATAVERSE_CLIENT_SECRET_NAME"]
+        return found
 
     def serve(self, stop: threading.Event) -> None:
         assert self.stack is not None
@@ -979,11 +1013,15 @@ def parse_args(argv: Sequence[str] | None) -> Options:
                         help="fixed: 7071-7076 and Azurite's 10000-10002 (default); auto: free ports")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds for the queue to drain")
     parser.add_argument("--json", type=Path, default=None, help="also write the accounting as JSON here")
+    parser.add_argument("--credential", choices=CREDENTIAL_MODES, default="secret",
+                        help="how the app proves itself to Entra ID (DATAVERSE_CREDENTIAL): secret "
+                             "(default), federated (managed identity, no secret anywhere) or certificate "
+                             "(Key Vault)")
     args = parser.parse_args(argv)
     if not MIN_JOBS <= args.jobs <= MAX_JOBS:
         parser.error(f"--jobs must be between {MIN_JOBS} and {MAX_JOBS}")
     return Options(jobs=args.jobs, serve=args.serve, fixed_ports=args.ports == "fixed", timeout=args.timeout,
-                   json_path=args.json)
+                   json_path=args.json, credential=args.credential)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

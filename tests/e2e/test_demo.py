@@ -69,6 +69,29 @@ def test_make_run_accounts_for_every_job_and_stops_everything(tmp_path: Path) ->
     assert not Path(result["stateDir"]).exists()
 
 
+@pytest.mark.e2e
+def test_make_run_federated_has_no_client_secret_anywhere(tmp_path: Path) -> None:
+    """`make run ARGS=--credential federated`: the whole demo with the managed identity as the credential."""
+    report = tmp_path / "demo.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "devstack.demo", "--ports", "auto", "--jobs", str(JOBS),
+         "--credential", "federated", "--json", str(report)],
+        cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=110,
+    )
+    output = completed.stdout
+    assert completed.returncode == 0, output + completed.stderr
+    result = json.loads(report.read_text(encoding="utf-8"))
+    assert result["ok"] is True and result["credential"] == "federated"
+    assert result["written"] == JOBS - sum(EXPECTED_REASONS.values())
+    assert result["clientSecretsFound"] == []
+    counters = result["counters"]
+    assert counters["entra"]["POST token"] == 1
+    assert counters["identity"]["token-exchange"] == 1  # one client assertion for the one token
+    assert counters["keyvault"]["GET secret"] == 1  # the webhook key only
+    assert re.search(r"DATAVERSE_CREDENTIAL=federated: client secrets .*: none → OK", output)
+    assert len(output.splitlines()) <= 60
+
+
 def _processes_using(directory: str) -> list[int]:
     found = []
     for process in psutil.process_iter(["pid", "cmdline", "cwd"]):
