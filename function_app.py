@@ -198,8 +198,9 @@ def diagnostics(req: func.HttpRequest) -> func.HttpResponse:
         email = (req.params.get("email") or "").strip()
         if email and not is_email_address(email):
             return _invalid_email()
+        credential = (req.params.get("credential") or "").strip().lower() or None  # try a mode first
         with _http_wait_limit():
-            report = run_diagnostics(act_as={"email": email} if email else None)
+            report = run_diagnostics(act_as={"email": email} if email else None, credential=credential)
         retry = {"Retry-After": str(report["retryAfter"])} if report.get("retryAfter") else None
         return _json(200 if report["ok"] else 503, report, retry)
 

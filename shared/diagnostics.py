@@ -23,6 +23,7 @@ fix is the exact ``az ad app federated-credential create`` command with those va
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import math
@@ -235,6 +236,7 @@ def run_diagnostics(
     runtime_factory: Callable[[Settings], Runtime] = _default_runtime,
     identity_check: Callable[[Settings], str] = _identity_check,
     act_as: Mapping[str, str] | None = None,
+    credential: str | None = None,
 ) -> dict[str, Any]:
     """``{"ok", "steps": [...], "retryAfter"?}``; never raises a SyncError.
 
@@ -242,6 +244,8 @@ def run_diagnostics(
     when a step failed on throttling that said how long to wait.
 
     ``act_as`` (``{"email": ...}`` or any ``actAs`` form) picks the user the impersonation step uses.
+    ``credential`` walks another DATAVERSE_CREDENTIAL mode than the configured one, without changing
+    it: a migration checks ``federated`` (or ``certificate``) end to end before switching the setting.
     """
     walk = _Walk()
     state: dict[str, Any] = {}
@@ -253,6 +257,15 @@ def run_diagnostics(
             walk.settings = Settings.from_env()
         else:
             walk.settings = settings_factory()
+        if credential is not None:
+            from shared.settings import CREDENTIAL_MODES
+
+            if credential not in CREDENTIAL_MODES:
+                raise SyncError(
+                    f"credential={credential!r}: must be one of {', '.join(CREDENTIAL_MODES)}",
+                    code="setting_invalid",
+                )
+            walk.settings = dataclasses.replace(walk.settings, credential=credential)
         s = walk.settings
         state["runtime"] = runtime_factory(s)
         material = {

@@ -349,3 +349,34 @@ def test_key_vault_shows_a_certificate_as_a_managed_secret(sandbox: SandboxClien
     assert secret.properties.content_type == "application/x-pkcs12"
     assert secret.properties.managed is True
     assert secret.properties.key_id and "/keys/" in secret.properties.key_id
+
+
+def test_migration_from_secret_to_federated_without_downtime(sandbox_env: SandboxClient) -> None:
+    """docs/credentials.md's steps: add the federated credential, check it with /api/diagnostics'
+    ?credential=federated while the secret still serves, switch the setting, delete the secret."""
+    running = get_runtime()  # an instance on the client secret, serving throughout
+    assert running.dataverse.whoami()["UserId"]
+
+    before = run_diagnostics(credential="federated")  # step 0: not ready yet, and says why
+    assert not before["ok"]
+    failed = next(s for s in before["steps"] if s["name"] == "entra_token")
+    assert "az ad app federated-credential create" in failed["fix"]
+
+    sandbox_env.add_federated_credential()  # step 1
+    check = run_diagnostics(credential="federated")  # step 2
+    assert check["ok"], check
+    assert [s["name"] for s in check["steps"]] == list(steps_for("federated"))
+    assert running.dataverse.whoami()["UserId"]  # the secret mode was not touched
+
+    switched = runtime_with(DATAVERSE_CREDENTIAL="federated")  # step 3: new instances use federation
+    assert switched.dataverse.whoami()["UserId"]
+    sandbox_env.remove_client_secret()  # step 4: no secret left anywhere
+    no_client_secret_anywhere(sandbox_env)
+    sandbox_env.revoke_tokens()
+    assert switched.dataverse.whoami()["UserId"]
+    switched.close()
+
+
+def test_diagnostics_refuses_an_unknown_mode(sandbox_env: SandboxClient) -> None:
+    result = run_diagnostics(credential="password")
+    assert not result["ok"] and "password" in result["steps"][0]["detail"]
