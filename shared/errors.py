@@ -80,7 +80,9 @@ class AuthError(SyncError):
     ``entra_unauthorized_client`` (AADSTS700016), ``entra_invalid_tenant`` (AADSTS90002),
     ``entra_invalid_scope`` (AADSTS70011/500011: DATAVERSE_URL is not an environment of the tenant),
     ``entra_rejected`` (any other 4xx from Entra), ``keyvault_forbidden``, ``keyvault_secret_not_found``,
-    ``managed_identity_not_configured`` (no identity, or the identity endpoint refused the client id).
+    ``managed_identity_not_configured`` (no identity, or the identity endpoint refused the client id),
+    ``entra_federation_mismatch`` (AADSTS70021), ``entra_invalid_certificate`` (AADSTS700027),
+    ``entra_invalid_assertion``, ``keyvault_certificate_invalid`` (docs/credentials.md).
     Transient ones: ``entra_unavailable``, ``keyvault_unavailable``, ``managed_identity_unavailable``.
     """
 
