@@ -291,6 +291,9 @@ def test_entra_wire_for_client_assertions(sandbox: SandboxClient) -> None:
 
     status, error, code, text = refused(_signed(certificates.generate(), good))
     assert (status, error, code) == (401, "invalid_client", 700027) and "The key was not found" in text
+    impostor = certificates.GeneratedCertificate(certificates.generate().key, cert.certificate)
+    status, error, code, text = refused(_signed(impostor, good))  # the registered thumbprint, another key
+    assert (status, code) == (401, 700027) and "did not match the expected signature" in text
     status, error, code, text = refused(_signed(cert, {**good, "exp": now - 60}))
     assert (status, error, code) == (401, "invalid_client", 700024)
     assert "not within its valid time range" in text
