@@ -211,7 +211,8 @@ class TokenProvider:
     def _fetch(self) -> str:
         mode = self._settings.credential
         if mode == "federated":
-            # Nothing to read or rotate: the assertion is a fresh managed-identity token each time.
+            # Nothing to read or rotate: the assertion is the managed identity's current token, asked
+            # for at each token request (azure-identity caches it until it nears expiry).
             token = self._request("federated")
             with self._lock:
                 self._token = token

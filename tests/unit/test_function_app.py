@@ -393,7 +393,17 @@ def test_diagnostics_status_follows_the_report(
     request = func.HttpRequest("GET", "/api/diagnostics", params={"email": "jane@contoso.com"}, body=b"")
     response = function_app.diagnostics(request)
     assert response.status_code == status and body_of(response)["ok"] is ok
-    assert seen == [{"act_as": {"email": "jane@contoso.com"}}]
+    assert seen == [{"act_as": {"email": "jane@contoso.com"}, "credential": None}]
+
+
+def test_diagnostics_can_walk_another_credential_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[Any] = []
+    monkeypatch.setattr(
+        function_app, "run_diagnostics", lambda **kw: seen.append(kw) or {"ok": True, "steps": []}
+    )
+    request = func.HttpRequest("GET", "/api/diagnostics", params={"credential": " Federated "}, body=b"")
+    assert function_app.diagnostics(request).status_code == 200
+    assert seen == [{"act_as": None, "credential": "federated"}]
 
 
 def test_diagnostics_rejects_a_bad_email(monkeypatch: pytest.MonkeyPatch) -> None:
