@@ -126,9 +126,9 @@ def _credential_detail(error: SyncError, settings: Settings | None, seen: Mappin
         )
     if code.startswith("managed_identity_") and mode == "federated":
         return (
-            "DATAVERSE_CREDENTIAL=federated needs the managed identity for every new token: AZURE_CLIENT_ID must "
-            "be the client id of the user-assigned identity whose principal id is the federated credential's "
-            "subject."
+            "DATAVERSE_CREDENTIAL=federated needs the managed identity for every new token: AZURE_CLIENT_ID "
+            "must be the client id of the user-assigned identity whose principal id is the federated "
+            "credential's subject."
         )
     return None
 
@@ -290,11 +290,11 @@ def run_diagnostics(
 
     def certificate_step() -> str:
         from shared.errors import AuthError
-        from shared.tokens import describe_certificate
+        from shared.tokens import describe_certificate, read_material
 
         s = walk.settings
         assert s is not None
-        value = state["runtime"].secrets.get(s.certificate_name)
+        value = read_material(state["runtime"].secrets, s)
         try:
             info = describe_certificate(value)
         except ValueError as exc:

@@ -239,24 +239,25 @@ FIXES: dict[str, str] = {
         "without a restart."
     ),
     "entra_invalid_certificate": (
-        "AADSTS700027: the certificate in Key Vault ({certificate}) is not registered on the app registration "
-        "(or its signature does not verify): upload its public part (" + PORTAL_APP_REGISTRATION
+        "AADSTS700027: the certificate in Key Vault ({certificate}) is not registered on the app "
+        "registration (or its signature does not verify): upload its public part (" + PORTAL_APP_REGISTRATION
         + " > Certificates & secrets > Certificates > Upload certificate, or `az ad app credential reset "
         "--id {client_id} --cert @cert.pem --append`), or store the registered certificate in Key Vault. "
         "When rotating, keep the old certificate registered until the new one is uploaded."
     ),
     "entra_federation_mismatch": (
         "AADSTS70021: no federated credential of app registration {client_id} matches the Function App's "
-        "managed identity: add one with issuer https://login.microsoftonline.com/{tenant_id}/v2.0, subject = "
-        "the identity's principal (object) id, audience api://AzureADTokenExchange (" + PORTAL_APP_REGISTRATION
-        + " > Certificates & secrets > Federated credentials > Add credential > Managed identity, or `az ad "
-        "app federated-credential create`). Matching is exact and case-sensitive; allow a minute to apply."
+        "managed identity: add one with issuer https://login.microsoftonline.com/{tenant_id}/v2.0, subject "
+        "= the identity's principal (object) id, audience api://AzureADTokenExchange ("
+        + PORTAL_APP_REGISTRATION + " > Certificates & secrets > Federated credentials > Add credential > "
+        "Managed identity, or `az ad app federated-credential create`). Matching is exact and "
+        "case-sensitive; allow a minute to apply."
     ),
     "entra_invalid_assertion": (
-        "Entra ID refused the client assertion itself (AADSTS700024 expired or not yet valid, 50027 malformed, "
-        "700021/50013 made for another client id or token endpoint): check the instance's clock, and that "
-        "DATAVERSE_TENANT_ID {tenant_id} and DATAVERSE_CLIENT_ID {client_id} name the app registration that "
-        "holds the federated credential or certificate."
+        "Entra ID refused the client assertion itself (AADSTS700024 expired or not yet valid, 50027 "
+        "malformed, 700021/50013 made for another client id or token endpoint): check the instance's "
+        "clock, and that DATAVERSE_TENANT_ID {tenant_id} and DATAVERSE_CLIENT_ID {client_id} name the app "
+        "registration that holds the federated credential or certificate."
     ),
     "keyvault_certificate_invalid": (
         "Import the certificate with its private key as a Key Vault certificate named {certificate} "

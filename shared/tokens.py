@@ -217,15 +217,14 @@ class TokenProvider:
             with self._lock:
                 self._token = token
             return token.value
-        name = self._material_name()
-        secret = self._secrets.get(name)
+        secret = read_material(self._secrets, self._settings)
         rotatable = _ROTATABLE.get(mode, _ROTATABLE["secret"])
         try:
             token = self._request(secret)
         except AuthError as exc:
             if exc.code not in rotatable:
                 raise
-            fresh = self._secrets.refresh(name, stale=secret)
+            fresh = read_material(self._secrets, self._settings, stale=secret)
             if fresh == secret:
                 raise self._rejected(exc) from exc
             logger.warning(
@@ -242,10 +241,6 @@ class TokenProvider:
         with self._lock:
             self._token = token
         return token.value
-
-    def _material_name(self) -> str:
-        s = self._settings
-        return s.certificate_name if s.credential == "certificate" else s.client_secret_name
 
     def _request(self, secret: str) -> _Token:
         stale = self._token
@@ -488,6 +483,27 @@ class TokenProvider:
             status=cause.status,
             aadsts=cause.aadsts,
         )
+
+
+def read_material(secrets: SecretStore, settings: Settings, *, stale: str | None = None) -> str:
+    """The client secret or the certificate from Key Vault (``stale``: re-read unless already replaced).
+
+    A missing certificate is ``keyvault_certificate_not_found``: its fix is a certificate import, not
+    the client secret's.
+    """
+    certificate = settings.credential == "certificate"
+    name = settings.certificate_name if certificate else settings.client_secret_name
+    try:
+        return secrets.get(name) if stale is None else secrets.refresh(name, stale=stale)
+    except AuthError as exc:
+        if not certificate or exc.code != "keyvault_secret_not_found":
+            raise
+        raise AuthError(
+            f"Key Vault {secrets.vault_url} has no certificate '{name}' (DATAVERSE_CERTIFICATE_NAME), or it "
+            "is disabled.",
+            code="keyvault_certificate_not_found",
+            status=exc.status,
+        ) from exc
 
 
 def certificate_bytes(value: str) -> bytes:

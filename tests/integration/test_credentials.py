@@ -201,6 +201,16 @@ def test_a_plain_secret_where_the_certificate_should_be(
     assert sandbox_env.counters()["entra"].get("POST token", 0) == 0
 
 
+def test_a_missing_certificate_is_named_as_one(
+    sandbox_env: SandboxClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configure(sandbox_env, monkeypatch, "certificate")
+    with pytest.raises(AuthError) as info:
+        runtime_with(DATAVERSE_CERTIFICATE_NAME="no-such-certificate").tokens.get_token()
+    assert (info.value.code, info.value.transient) == ("keyvault_certificate_not_found", False)
+    assert "no-such-certificate" in info.value.message
+
+
 @pytest.mark.parametrize(("status", "code", "transient"), [
     (500, "managed_identity_unavailable", True),
     (None, "managed_identity_not_configured", False),
