@@ -130,12 +130,15 @@ def _blob_bytes(blob: Any) -> bytes | str | None:
 @app.function_name("sync_job")
 @app.queue_trigger(arg_name="msg", queue_name=SYNC_QUEUE, connection=STORAGE)
 @app.queue_output(arg_name="deadletter", queue_name=DEAD_LETTER_QUEUE, connection=STORAGE)
-def sync_job(msg: func.QueueMessage, deadletter: func.Out[str]) -> None:
-    """Write one job; a permanent failure -> -deadletter, a transient one raises (retry, then -poison)."""
+def sync_job(msg: func.QueueMessage, deadletter: func.Out[typing.List[str]]) -> None:  # noqa: UP006
+    """Write one job; a permanent failure -> -deadletter, a transient one raises (retry, then -poison).
+
+    A bulk job dead-letters one record per failed record (the others are written)."""
     log.info("job message %s dequeue_count=%s", msg.id, msg.dequeue_count)
     outcome = process_message(msg.get_body(), _runtime)
-    if outcome.dead_letter is not None:
-        deadletter.set(dumps(outcome.dead_letter))  # the text whose size process_message checked
+    letters = outcome.dead_letters()
+    if letters:
+        deadletter.set([dumps(x) for x in letters])  # the texts whose size process_message checked
 
 
 # --- HTTP ----------------------------------------------------------------------------------------

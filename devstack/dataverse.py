@@ -680,6 +680,7 @@ class Org:
             self._check_unique(table, record)
             table.records[rid] = record
             table.index_add(record)
+            self._journal_write(table, rid, None)
             return dict(record)
 
     def update(
@@ -699,6 +700,7 @@ class Org:
                 }
             )
             self._check_unique(table, candidate)
+            self._journal_write(table, record[table.primary_id], dict(record))
             table.index_remove(record)
             record.clear()
             record.update(candidate)
@@ -707,8 +709,18 @@ class Org:
 
     def delete(self, table: Table, record: Mapping[str, Any]) -> None:
         with self.lock:
+            self._journal_write(table, record[table.primary_id], dict(record))
             table.index_remove(record)
             table.records.pop(record[table.primary_id], None)
+
+
+    # --- transactions (for devstack.bulk: all-or-nothing bulk messages and $batch change sets) ----
+    journal: list[tuple[Table, str, dict[str, Any] | None]] | None = None
+
+    def _journal_write(self, table: Table, record_id: str, before: dict[str, Any] | None) -> None:
+        """Inside a transaction, remember a record's state before a write (None: it did not exist)."""
+        if self.journal is not None:
+            self.journal.append((table, record_id, before))
 
 
 def _seconds(value: float) -> str:
@@ -791,8 +803,10 @@ class _Request:
     """One request against one sandbox's org; methods raise DataverseError for error answers."""
 
     def __init__(
-        self, org: Org, base: str, version: str, resource: odata.ResourcePath, caller: Caller
+        self, org: Org, base: str, version: str, resource: odata.ResourcePath, caller: Caller,
+        appid: str = "",
     ) -> None:
+        self.appid = appid  # the calling application: $batch resolves each part's own caller header
         self.org = org
         self.base = base
         self.version = version
@@ -1128,6 +1142,16 @@ class _Request:
             data = json.loads(request.get_data(cache=True) or b"null")
         except (ValueError, UnicodeDecodeError) as err:
             raise bad(f"Invalid JSON. {err}") from err
+        return self.payload(table, data)
+
+    def payload(self, table: Table, data: object) -> dict[str, Any]:
+        """An entity's JSON object validated like Dataverse's payload reader (also each bulk target)."""
+
+        def bad(inner: str) -> DataverseError:
+            return DataverseError(
+                400, CODE_PAYLOAD, _PAYLOAD_HELP.format(entity_set=table.entity_set, inner=inner)
+            )
+
         if not isinstance(data, dict):
             raise bad("A JSON object was expected for an entity.")
         out: dict[str, Any] = {}
@@ -1273,11 +1297,17 @@ class _Request:
             return self.systemusers()
         if name == "EntityDefinitions":
             return self.entity_definitions()
-        if name == "$batch":
-            raise self.not_supported("$batch")
+        if name in ("$batch", "sdkmessagefilters"):
+            from devstack import bulk  # bulk messages and $batch live in their own module
+
+            return bulk.batch(self) if name == "$batch" else bulk.sdkmessagefilters(self)
         table = self.org.tables.get(name)
         if table is None:
             raise DataverseError(404, CODE_SEGMENT, f"Resource not found for the segment '{name}'.")
+        if self.resource.key is None and self.resource.rest.startswith("Microsoft.Dynamics.CRM."):
+            from devstack import bulk
+
+            return bulk.bulk_message(self, table, self.resource.rest.removeprefix("Microsoft.Dynamics.CRM."))
         return self.entity_set(table)
 
 
@@ -1442,7 +1472,8 @@ def create_app(registry: Registry) -> Flask:
                     request.headers.get("CallerObjectId"),
                     request.headers.get("MSCRMCallerID"),
                 )
-                handler = _Request(org, request.host_url.rstrip("/"), split[0], resource, caller)
+                appid = str(claims.get("appid", ""))
+                handler = _Request(org, request.host_url.rstrip("/"), split[0], resource, caller, appid)
                 response = handler.dispatch()
                 if handler.applied:
                     response.headers["Preference-Applied"] = ",".join(handler.applied)

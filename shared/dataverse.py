@@ -43,6 +43,9 @@ from requests.adapters import HTTPAdapter
 from shared.deadline import current as current_deadline
 from shared.errors import DataverseError, ImpersonationNotApplied, fix_for, unknown_column
 from shared.logs import job_logger
+from shared.odatabatch import BatchFormatError, BatchOperation, BatchPart
+from shared.odatabatch import build as build_batch
+from shared.odatabatch import parse as parse_batch
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -104,6 +107,15 @@ class WriteResult:
             "noop": self.noop,
             "modifiedBy": self.modified_by,
         }
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """What the bulk writes need to know of a table besides its entity set."""
+
+    entity_set: str
+    logical_name: str
+    primary_id: str
 
 
 # --- URL building -------------------------------------------------------------------------------
@@ -242,6 +254,8 @@ class DataverseClient:
         self._base = settings.api_base
         self._origin = settings.dataverse_url + "/"
         self.dop_hint: int | None = None
+        self._tables: dict[str, TableInfo] = {}
+        self._message_support: dict[tuple[str, str], bool] = {}
 
     def close(self) -> None:
         self._session.close()
@@ -275,14 +289,17 @@ class DataverseClient:
         headers: Mapping[str, str] | None = None,
         idempotent: bool | None = None,
         correlation_id: str | None = None,
+        body: bytes | None = None,
     ) -> requests.Response:
-        """Send one logical request (with its retries); a 2xx response or a :class:`DataverseError`."""
+        """Send one logical request (with its retries); a 2xx response or a :class:`DataverseError`.
+
+        ``body`` sends raw bytes instead of ``json`` (``$batch``); its Content-Type comes in ``headers``.
+        """
         method = method.upper()
         url = self.url(path, params)
         label = f"{method} {urlsplit(url).path.removeprefix('/api/data/' + self._settings.api_version + '/')}"
         if idempotent is None:
             idempotent = method in IDEMPOTENT_METHODS
-        body = None
         if json is not None:
             body = jsonlib.dumps(json, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         log = job_logger(logger, correlation_id)
@@ -665,6 +682,141 @@ class DataverseClient:
         return result
 
 
+    # -- bulk writes (issue 9): capability lookups, bulk messages, $batch ---------------------------
+
+    def table_info(self, entity_set: str, *, correlation_id: str | None = None) -> TableInfo:
+        """The table's logical name and primary id column (``contact``/``contactid`` for ``contacts``),
+        cached per instance: ``sdkmessagefilters`` and the bulk messages' ``@odata.type`` use the
+        logical name, while jobs name tables by entity set."""
+        cached = self._tables.get(entity_set)
+        if cached is not None:
+            return cached
+        if not _IDENTIFIER_RE.match(entity_set):
+            raise _bad_request(f"{entity_set!r} is not an entity set name")
+        page = self.get_json(
+            "EntityDefinitions",
+            {
+                "$select": "LogicalName,EntitySetName,PrimaryIdAttribute",
+                "$filter": f"EntitySetName eq {odata_literal(entity_set)}",
+            },
+            correlation_id=correlation_id,
+        )
+        rows = page.get("value")
+        found = [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+        logical = found[0].get("LogicalName") if len(found) == 1 else None
+        primary = found[0].get("PrimaryIdAttribute") if len(found) == 1 else None
+        if not isinstance(logical, str) or not isinstance(primary, str) or not logical or not primary:
+            raise DataverseError(
+                f"no table has the entity set {entity_set!r} in this environment",
+                status=404, code="dataverse_bad_request", transient=False,
+            )
+        info = TableInfo(entity_set, logical, primary)
+        self._tables[entity_set] = info
+        return info
+
+    def supports_message(self, entity_set: str, message: str, *, correlation_id: str | None = None) -> bool:
+        """Whether the table supports ``message`` (e.g. ``CreateMultiple``): Learn's documented test,
+        one ``sdkmessagefilters`` row for that message and table.  Cached per instance (tables gain
+        messages with platform updates, not between two jobs)."""
+        key = (entity_set, message)
+        cached = self._message_support.get(key)
+        if cached is not None:
+            return cached
+        if not _IDENTIFIER_RE.match(message):
+            raise _bad_request(f"{message!r} is not a message name")
+        table = self.table_info(entity_set, correlation_id=correlation_id).logical_name
+        page = self.get_json(
+            "sdkmessagefilters",
+            {
+                "$select": "sdkmessagefilterid",
+                "$filter": f"sdkmessageid/name eq {odata_literal(message)} "
+                f"and primaryobjecttypecode eq {odata_literal(table)}",
+            },
+            correlation_id=correlation_id,
+        )
+        rows = page.get("value")
+        supported = isinstance(rows, list) and len(rows) > 0
+        self._message_support[key] = supported
+        return supported
+
+    def bulk_message(
+        self,
+        message: str,
+        entity_set: str,
+        targets: list[dict[str, Any]],
+        *,
+        caller: Caller | None = None,
+        correlation_id: str | None = None,
+    ) -> dict[str, Any] | None:
+        """POST ``<entity_set>/Microsoft.Dynamics.CRM.<message>`` with ``{"Targets": [...]}``.
+
+        Every target our callers send names its record (a primary id, a deterministic id for a keyless
+        create, or ``@odata.id``), so a resend after a gateway error cannot create a second record:
+        it fails as a duplicate instead, and the caller's per-record fallback reports it as done.
+        Returns the response body (``{"Ids": [...]}``) or None (204).
+        """
+        if not _IDENTIFIER_RE.match(entity_set) or not _IDENTIFIER_RE.match(message):
+            raise _bad_request(f"{entity_set!r}/{message!r} is not an entity set and message name")
+        headers = caller.headers() if caller else {}
+        response = self.request(
+            "POST",
+            f"{entity_set}/Microsoft.Dynamics.CRM.{message}",
+            json={"Targets": targets},
+            headers=headers,
+            idempotent=True,
+            correlation_id=correlation_id,
+        )
+        if not response.content:
+            return None
+        parsed = self._json(response, f"POST {entity_set}/{message}")
+        return parsed if isinstance(parsed, dict) else None
+
+    def batch(
+        self,
+        operations: list[BatchOperation],
+        *,
+        caller: Caller | None = None,
+        continue_on_error: bool = True,
+        change_set: bool = False,
+        correlation_id: str | None = None,
+    ) -> list[BatchPart]:
+        """POST ``$batch``; one answer per operation, in order.
+
+        ``continue_on_error`` (``Prefer: odata.continue-on-error``) makes Dataverse run every request
+        and answer 200 with each one's own status; without it the first failure ends the batch.
+        Only idempotent operations may be batched here: a broken connection resends the whole batch.
+        """
+        content_type, body = build_batch(operations, change_set=change_set)
+        headers = {"Content-Type": content_type, **(caller.headers() if caller else {})}
+        if continue_on_error:
+            headers["Prefer"] = "odata.continue-on-error"
+        response = self.request(
+            "POST", "$batch", body=body, headers=headers, idempotent=True, correlation_id=correlation_id
+        )
+        try:
+            return parse_batch(response.headers.get("Content-Type"), response.content)
+        except BatchFormatError as exc:
+            raise DataverseError(
+                f"POST $batch answered {response.status_code} with a body that is not a batch: {exc}",
+                status=response.status_code, code="dataverse_malformed_response", transient=True,
+            ) from None
+
+    def part_error(self, part: BatchPart, label: str) -> DataverseError:
+        """The :class:`DataverseError` of one failed answer inside a batch (same codes as a request)."""
+        code_text, text = None, None
+        try:
+            data = part.json()
+        except ValueError:
+            data = None
+        error = data.get("error") if isinstance(data, dict) else None
+        if isinstance(error, dict):
+            code_text = error.get("code") if isinstance(error.get("code"), str) else None
+            text = error.get("message") if isinstance(error.get("message"), str) else None
+        code = DataverseError.code_for(part.status, code_text)
+        message = f"{label} answered {part.status} {part.reason}".rstrip() + f": {text or 'no error body'}"
+        return DataverseError(message, status=part.status, dataverse_code=code_text, code=code)
+
+
 def _certificate_problem(exc: BaseException) -> bool:
     """A certificate that will not verify (no point retrying), as opposed to a TLS stream cut short."""
     import ssl
@@ -723,6 +875,12 @@ def _id_from_body(body: Mapping[str, Any] | None, entity_set: str) -> str | None
         if not name.startswith(("_", "@")) and name.endswith("id") and (guid := _guid(value)) is not None
     ]
     return candidates[0] if len(candidates) == 1 else None
+
+
+def verify_impersonation(result: WriteResult, caller: Caller, path: str) -> None:
+    """Raise :class:`ImpersonationNotApplied` unless ``result.modified_by`` is the caller (bulk writes
+    check each ``$batch`` answer with it)."""
+    _verify_impersonation(result, caller, path)
 
 
 def _verify_impersonation(result: WriteResult, caller: Caller, path: str) -> None:

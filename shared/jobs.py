@@ -57,6 +57,7 @@ from shared.errors import (
 from shared.logs import job_logger
 
 if TYPE_CHECKING:
+    from shared.bulk import BulkReport
     from shared.dataverse import Caller, WriteResult
     from shared.runtime import Runtime
     from shared.users import SystemUser
@@ -67,7 +68,9 @@ MAX_JOB_BYTES = 48 * 1024
 """A queue message is at most 64 KiB after base64, i.e. 48 KiB of JSON text (UTF-8 bytes)."""
 
 OPERATIONS = ("create", "update", "upsert", "delete")
-FIELDS = ("id", "entity", "operation", "key", "data", "actAs", "source")
+FIELDS = ("id", "entity", "operation", "key", "data", "actAs", "source", "records", "recordsBlob")
+RECORD_FIELDS = ("key", "data")
+"""A bulk job's records: each has the single-record job's ``key`` and ``data`` for its operation."""
 
 JOB_NAMESPACE = uuid.UUID("5b0c7c8e-2f4a-5d8e-9a57-3c1d0e6f9b21")
 """Fixed forever: changing it would make replays of old keyless creates create duplicates."""
@@ -90,6 +93,12 @@ class Job:
     act_as: dict[str, str] | None
     raw: dict[str, Any]
     source: str | None = None
+    records: tuple[dict[str, Any], ...] | None = None  # a bulk job's inline records (validated)
+    records_blob: str | None = None  # a bulk job's claim-check: "<container>/<path>"
+
+    @property
+    def is_bulk(self) -> bool:
+        return self.records is not None or self.records_blob is not None
 
     def write_key(self) -> str | dict[str, Any]:
         """The key the write uses: the job's own, or the deterministic id of a keyless create."""
@@ -168,8 +177,14 @@ def parse_job(obj: object, *, where: str = "") -> Job:
     elif operation not in OPERATIONS:
         errors.add(f"must be one of {', '.join(OPERATIONS)}", "operation")
 
-    key = _check_key(obj, operation, errors)
-    data = _check_data(obj, operation, errors)
+    records: tuple[dict[str, Any], ...] | None = None
+    records_blob: str | None = None
+    if "records" in obj or "recordsBlob" in obj:
+        records, records_blob = check_bulk_fields(obj, operation, errors)
+        key, data = None, None
+    else:
+        key = _check_key(obj, operation, errors)
+        data = _check_data(obj, operation, errors)
     act_as = _check_act_as(obj, errors)
     source = obj.get("source")
     if "source" in obj and (not isinstance(source, str) or SOURCE.fullmatch(source) is None):
@@ -180,7 +195,7 @@ def parse_job(obj: object, *, where: str = "") -> Job:
     assert isinstance(job_id, str) and isinstance(entity, str) and isinstance(operation, str)
     assert source is None or isinstance(source, str)
     return Job(id=job_id, entity=entity, operation=operation, key=key, data=data, act_as=act_as, raw=obj,
-               source=source)
+               source=source, records=records, records_blob=records_blob)
 
 
 def _check_key(obj: Mapping[str, Any], operation: object, errors: _Errors) -> str | dict[str, Any] | None:
@@ -480,6 +495,12 @@ class JobOutcome:
     job_id: str | None
     result: WriteResult | None
     dead_letter: dict[str, Any] | None
+    bulk: BulkReport | None = None  # a bulk job's per-record outcomes
+    record_dead_letters: tuple[dict[str, Any], ...] = ()  # a bulk job: one per failed record
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        """Every dead-letter record to write for this delivery (the job's, or one per failed record)."""
+        return ([self.dead_letter] if self.dead_letter is not None else []) + list(self.record_dead_letters)
 
 
 def is_job_fault(error: SyncError) -> bool:
@@ -548,6 +569,9 @@ def process_message(body: str | bytes, runtime: Callable[[], Runtime]) -> JobOut
         # host gave up on would be redelivered and run twice at once (shared.deadline).
         with deadline.within(current.settings.job_deadline_seconds, kind=deadline.JOB,
                              setting="JOB_DEADLINE_SECONDS", started=started):
+            if job.is_bulk:
+                report, letters = run_bulk_job(job, current)
+                return JobOutcome(job.id, None, None, report, tuple(_fit(x, job.id) for x in letters))
             result = run_job(job, current)
     except SyncError as exc:
         if exc.transient:
@@ -575,3 +599,164 @@ def _fit(record: dict[str, Any], job_id: str | None) -> dict[str, Any]:
             f"dead-letter record of {size} bytes exceeds {MAX_JOB_BYTES}", code="dead_letter_too_large"
         )
     return record
+
+
+# --- bulk jobs (issue 9): many records of one table for one actor --------------------------------
+# The job keeps its single-record fields (id, entity, operation, actAs, source); instead of key/data it
+# carries "records" (inline, up to 1,000) or "recordsBlob" (a claim-check in the app's storage account,
+# for batches that do not fit a 48 KiB queue message).  See docs/bulk.md.
+
+MAX_INLINE_RECORDS = 1000
+MAX_BLOB_RECORDS = 10_000
+MAX_BLOB_BYTES = 32 * 1024 * 1024
+MAX_RECORD_BYTES = 32 * 1024
+"""One record of a blob batch: its dead-letter record (the record as a single job) must fit a queue."""
+_BLOB_REF = re.compile(r"([a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62})/([^\x00-\x1f\x7f\\]{1,1024})")
+
+
+def check_bulk_fields(
+    obj: Mapping[str, Any], operation: object, errors: _Errors
+) -> tuple[tuple[dict[str, Any], ...] | None, str | None]:
+    """Validate a bulk job's own fields; problems go into ``errors`` with paths like records[17].key."""
+    for name in ("key", "data"):
+        if name in obj:
+            errors.add("must be absent in a bulk job (each record has its own)", name)
+    if "records" in obj and "recordsBlob" in obj:
+        errors.add("give records or recordsBlob, not both", "recordsBlob")
+        return None, None
+    if "recordsBlob" in obj:
+        ref = obj["recordsBlob"]
+        if not isinstance(ref, str) or _BLOB_REF.fullmatch(ref) is None:
+            errors.add("must be '<container>/<blob path>' (container: 3-63 of a-z 0-9 -)", "recordsBlob")
+            return None, None
+        if ref.startswith("azure-webjobs-"):
+            errors.add("must not name the Functions host's own containers (azure-webjobs-*)", "recordsBlob")
+            return None, None
+        return None, ref
+    records = obj["records"]
+    if not isinstance(records, list):
+        errors.add(f"must be an array of records, got {_json_type(records)}", "records")
+        return None, None
+    if not 1 <= len(records) <= MAX_INLINE_RECORDS:
+        errors.add(f"must hold 1 to {MAX_INLINE_RECORDS} records (more: use recordsBlob), got {len(records)}",
+                   "records")
+        return None, None
+    return check_records(records, operation, errors, errors.field("records")), None
+
+
+def check_records(
+    records: list[Any], operation: object, errors: _Errors, where: str
+) -> tuple[dict[str, Any], ...]:
+    """Each record as the single-record job checks key and data for the operation (``where[i].key``)."""
+    checked: list[dict[str, Any]] = []
+    for index, record in enumerate(records):
+        sub = _Errors(f"{where}[{index}]")
+        sub.items = errors.items  # one list: every problem of the job at once
+        if not isinstance(record, dict):
+            sub.add(f"must be an object with {' and '.join(RECORD_FIELDS)}, got {_json_type(record)}")
+            continue
+        for name in record:
+            if name not in RECORD_FIELDS:
+                sub.add(f"unknown field (allowed: {', '.join(RECORD_FIELDS)})", name)
+        key = _check_key(record, operation, sub)
+        data = _check_data(record, operation, sub)
+        entry: dict[str, Any] = {}
+        if key is not None:
+            entry["key"] = key
+        if data is not None:
+            entry["data"] = data
+        checked.append(entry)
+    return tuple(checked)
+
+
+def bulk_records(job: Job, runtime: Runtime) -> list[dict[str, Any]]:
+    """The job's records: inline, or read from its claim-check blob and validated like inline ones."""
+    if job.records is not None:
+        return list(job.records)
+    assert job.records_blob is not None
+    from shared.bulk import read_blob
+
+    text = read_blob(runtime.blobs, job.records_blob, max_bytes=MAX_BLOB_BYTES)
+    where = "recordsBlob"
+    try:
+        value = loads(text)
+    except ValueError as exc:
+        raise InvalidJob(f"{where}: the blob is not valid JSON: {exc}", code="invalid_job",
+                         details=[{"field": where, "message": f"not valid JSON: {exc}"}]) from None
+    errors = _Errors("")
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_BLOB_RECORDS:
+        errors.add(f"must hold a JSON array of 1 to {MAX_BLOB_RECORDS} records", where)
+        raise _invalid(errors)
+    records = check_records(value, job.operation, errors, where)
+    for index, record in enumerate(records):
+        if not errors.items and text_size(dumps(record)) > MAX_RECORD_BYTES:
+            errors.add(f"a record may hold at most {MAX_RECORD_BYTES} bytes", f"{where}[{index}]")
+    if errors.items:
+        raise _invalid(errors)
+    return list(records)
+
+
+def record_job(job: Job, index: int, record: Mapping[str, Any]) -> dict[str, Any]:
+    """One record of a bulk job as a single-record job: its dead-letter record can be replayed as is.
+
+    A keyless create gets its deterministic id as an explicit key, so a replay writes the same record.
+    """
+    suffix = f".{index}"
+    single: dict[str, Any] = {"id": job.id[: 128 - len(suffix)] + suffix, "entity": job.entity,
+                              "operation": job.operation}
+    key = record.get("key")
+    if key is None and job.operation == "create":
+        key = str(deterministic_id(job.entity, f"{job.id}/{index}", job.source))
+    if key is not None:
+        single["key"] = key
+    if "data" in record:
+        single["data"] = record["data"]
+    if job.act_as is not None:
+        single["actAs"] = job.raw.get("actAs", job.act_as)
+    if job.source is not None:
+        single["source"] = job.source
+    return single
+
+
+def run_bulk_job(job: Job, runtime: Runtime) -> tuple[BulkReport, list[dict[str, Any]]]:
+    """Resolve and verify the actor once, write every record, dead-letter each failed record.
+
+    Returns the report and one dead-letter record per failed record (``job`` is that record as a
+    replayable single-record job; ``bulk`` names the bulk job and the record's index).  Raises like
+    ``run_job`` for what is not one record's fault, so the whole job is retried.
+    """
+    from shared.bulk import BulkRecord, write_bulk
+
+    records = bulk_records(job, runtime)
+    actor = resolve_actor(job, runtime)
+    caller = actor.caller() if actor is not None else None
+    if actor is not None:
+        runtime.attribution.verify(actor, correlation_id=job.id)
+    items = []
+    for index, record in enumerate(records):
+        key = record.get("key")
+        if key is None and job.operation == "create":
+            key = str(deterministic_id(job.entity, f"{job.id}/{index}", job.source))
+        items.append(BulkRecord(index, key, record.get("data")))
+    try:
+        report = write_bulk(runtime.dataverse, job.entity, job.operation, items, caller=caller,
+                            correlation_id=job.id)
+    except DataverseError as exc:
+        if actor is not None and exc.status in (400, 403):
+            runtime.attribution.forget(actor.systemuserid)
+        raise
+    now = datetime.now(UTC)
+    letters = []
+    for outcome in report.failed:
+        assert outcome.error is not None
+        letter = dead_letter_record(record_job(job, outcome.index, records[outcome.index]), outcome.error,
+                                    now=now)
+        letter["bulk"] = {"job": job.id, "index": outcome.index, "records": len(records)}
+        letters.append(letter)
+    job_logger(log, job.id).info(
+        "outcome=%s operation=%s entity=%s records=%d written=%d dead-lettered=%d via=%s requests=%d "
+        "actor=%s",
+        "written" if not letters else "partial", job.operation, job.entity, len(records), report.written,
+        len(letters), report.via, report.requests, actor.systemuserid if actor is not None else "application",
+    )
+    return report, letters

@@ -8,13 +8,14 @@ built lazily at first use: importing the app never reads a setting or opens a co
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shared import logs
 from shared.attribution import AttributionGuard
 from shared.dataverse import DataverseClient
 from shared.secrets import SecretStore
 from shared.settings import Settings, get_settings, reset_settings
+from shared.storage import BlobStore
 from shared.tokens import TokenProvider
 from shared.users import UserDirectory
 
@@ -27,6 +28,7 @@ class Runtime:
     dataverse: DataverseClient
     users: UserDirectory
     attribution: AttributionGuard
+    blobs: BlobStore = field(default_factory=BlobStore)  # AzureWebJobsStorage, at first use (claim-checks)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
@@ -42,6 +44,7 @@ class Runtime:
     def close(self) -> None:
         self.dataverse.close()
         self.secrets.close()
+        self.blobs.close()
 
 
 _lock = threading.Lock()
