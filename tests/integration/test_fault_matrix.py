@@ -501,7 +501,8 @@ def deliver(message: Mapping[str, Any] | bytes, dequeue_count: int = 1) -> Outco
         DELIVERIES.append(Delivery(body, written, None))
         return written
     assert len(out.sets) == 1, "one dead-letter message per delivery"
-    record = json.loads(out.sets[0])
+    (text,) = out.sets[0]
+    record = json.loads(text)
     DELIVERIES.append(Delivery(body, DeadLettered(record["reason"]), record))
     return DeadLettered(record["reason"])
 

@@ -104,7 +104,7 @@ def test_actor_failures_dead_letter_without_writing(
     sbx = sandbox_env
     payload = job(actAs=act_as)
     out = run(payload)
-    record = json.loads(out.value)
+    (record,) = [json.loads(text) for text in out.value]
     assert record["reason"] == reason and record["job"] == payload
     assert sbx.records("contacts") == []
     assert count(sbx, "dataverse", "PATCH contacts") == 0
@@ -113,7 +113,7 @@ def test_actor_failures_dead_letter_without_writing(
 def test_missing_privilege_dead_letters_with_its_code(sandbox_env: SandboxClient) -> None:
     sbx = sandbox_env
     sbx.set_privilege(impersonation=False)
-    record = json.loads(run(job()).value)
+    (record,) = [json.loads(text) for text in run(job()).value]
     assert record["reason"] == "impersonation_privilege_missing"
     assert sbx.records("contacts") == []
 
@@ -121,12 +121,12 @@ def test_missing_privilege_dead_letters_with_its_code(sandbox_env: SandboxClient
 def test_silently_ignored_caller_is_dead_lettered(sandbox_env: SandboxClient) -> None:
     sbx = sandbox_env
     sbx.add_user("stale@contoso.com", ignore_impersonation=True)
-    record = json.loads(run(job(actAs={"email": "stale@contoso.com"})).value)
+    (record,) = [json.loads(text) for text in run(job(actAs={"email": "stale@contoso.com"})).value]
     assert record["reason"] == "impersonation_not_applied"
 
 
 def test_update_of_a_missing_record_dead_letters(sandbox_env: SandboxClient) -> None:
-    record = json.loads(run(job(operation="update", key=str(uuid.uuid4()))).value)
+    (record,) = [json.loads(text) for text in run(job(operation="update", key=str(uuid.uuid4()))).value]
     assert record["reason"] == "record_not_found"
 
 

@@ -465,7 +465,7 @@ def test_sync_job_dead_letters_permanent_failures(
     out = Out()
     function_app.sync_job(message(payload), out)
     assert out.was_set
-    record = json.loads(out.value)
+    (record,) = [json.loads(text) for text in out.value]
     assert record["reason"] == reason and set(record) == {"job", "reason", "detail", "failedAt"}
     expected_job = payload.decode() if isinstance(payload, bytes) else payload
     assert record["job"] == expected_job
