@@ -1,4 +1,4 @@
-"""Bulk jobs against the emulators with the real runtime: bulk messages, $batch fallback, bisect, claim-check."""
+"""Bulk jobs against the emulators (real runtime): bulk messages, $batch fallback, bisect, claim-check."""
 
 from __future__ import annotations
 
@@ -36,8 +36,14 @@ def run(payload: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def bulk_job(entity: str, operation: str, records: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    return {"id": f"bulk-{uuid.uuid4().hex[:10]}", "entity": entity, "operation": operation,
-            "records": records, "actAs": {"email": "jane@contoso.com"}, **extra}
+    return {
+        "id": f"bulk-{uuid.uuid4().hex[:10]}",
+        "entity": entity,
+        "operation": operation,
+        "records": records,
+        "actAs": {"email": "jane@contoso.com"},
+        **extra,
+    }
 
 
 def dv(sbx: SandboxClient) -> dict[str, int]:
@@ -46,11 +52,15 @@ def dv(sbx: SandboxClient) -> dict[str, int]:
 
 def contacts(n: int, start: int = 0) -> list[dict[str, Any]]:
     """Small records: a queue message holds 48 KiB, so 500 inline records have ~90 bytes each."""
-    return [{"key": {"emailaddress1": f"p{i:05d}@x.io"}, "data": {"firstname": f"P{i}"}}
-            for i in range(start, start + n)]
+    return [
+        {"key": {"emailaddress1": f"p{i:05d}@x.io"}, "data": {"firstname": f"P{i}"}}
+        for i in range(start, start + n)
+    ]
 
 
-def test_upsert_multiple_by_alternate_key_writes_every_record_as_the_actor(sandbox_env: SandboxClient) -> None:
+def test_upsert_multiple_by_alternate_key_writes_every_record_as_the_actor(
+    sandbox_env: SandboxClient,
+) -> None:
     sbx = sandbox_env
     assert run(bulk_job("contacts", "upsert", contacts(500))) == []
     records = sbx.records("contacts")
@@ -83,7 +93,9 @@ def test_update_multiple_by_primary_id(sandbox_env: SandboxClient) -> None:
     sbx = sandbox_env
     run(bulk_job("contacts", "upsert", contacts(5)))
     ids = sorted(r["contactid"] for r in sbx.records("contacts"))
-    assert run(bulk_job("contacts", "update", [{"key": i, "data": {"lastname": "Updated"}} for i in ids])) == []
+    assert (
+        run(bulk_job("contacts", "update", [{"key": i, "data": {"lastname": "Updated"}} for i in ids])) == []
+    )
     assert {r["lastname"] for r in sbx.records("contacts")} == {"Updated"}
     assert dv(sbx)["bulk:UpdateMultiple"] == 1
 
@@ -97,9 +109,14 @@ def test_one_bad_record_among_500_is_dead_lettered_and_499_are_written(sandbox_e
     assert letter["reason"] == "dataverse_bad_request"
     assert "unexpected kind" in letter["detail"]
     assert letter["bulk"] == {"job": payload["id"], "index": 137, "records": 500}
-    assert letter["job"] == {"id": f"{payload['id']}.137", "entity": "contacts", "operation": "upsert",
-                             "key": {"emailaddress1": "p00137@x.io"}, "data": records[137]["data"],
-                             "actAs": {"email": "jane@contoso.com"}}
+    assert letter["job"] == {
+        "id": f"{payload['id']}.137",
+        "entity": "contacts",
+        "operation": "upsert",
+        "key": {"emailaddress1": "p00137@x.io"},
+        "data": records[137]["data"],
+        "actAs": {"email": "jane@contoso.com"},
+    }
     written = {r["emailaddress1"] for r in sbx.records("contacts")}
     assert len(written) == 499 and "p00137@x.io" not in written
     assert {r["_modifiedby_value"] for r in sbx.records("contacts")} == {user_id(sbx, "jane@contoso.com")}
@@ -153,23 +170,33 @@ def test_upsert_multiple_refuses_alternate_key_columns_in_the_body_of_a_new_reco
 ) -> None:
     sbx = sandbox_env
     client = get_runtime().dataverse
-    target = {"@odata.type": "Microsoft.Dynamics.CRM.contact", "@odata.id": "contacts(emailaddress1='k@example.com')",
-              "emailaddress1": "k@example.com", "firstname": "K"}
+    target = {
+        "@odata.type": "Microsoft.Dynamics.CRM.contact",
+        "@odata.id": "contacts(emailaddress1='k@example.com')",
+        "emailaddress1": "k@example.com",
+        "firstname": "K",
+    }
     with pytest.raises(DataverseError) as caught:
         client.bulk_message("UpsertMultiple", "contacts", [target])
     assert (caught.value.status, caught.value.dataverse_code) == (400, "0x80040216")
     assert sbx.records("contacts") == []
-    client.bulk_message("UpsertMultiple", "contacts", [{k: v for k, v in target.items() if k != "emailaddress1"}])
+    client.bulk_message(
+        "UpsertMultiple", "contacts", [{k: v for k, v in target.items() if k != "emailaddress1"}]
+    )
     client.bulk_message("UpsertMultiple", "contacts", [target | {"firstname": "K2"}])  # exists: tolerated
     (record,) = sbx.records("contacts")
     assert (record["emailaddress1"], record["firstname"]) == ("k@example.com", "K2")
 
 
-def test_create_multiple_is_all_or_nothing_with_the_bad_record_s_own_error(sandbox_env: SandboxClient) -> None:
+def test_create_multiple_is_all_or_nothing_with_the_bad_record_s_own_error(
+    sandbox_env: SandboxClient,
+) -> None:
     sbx = sandbox_env
     client = get_runtime().dataverse
-    targets = [{"@odata.type": "Microsoft.Dynamics.CRM.contact", "emailaddress1": f"a{i}@example.com"}
-               for i in range(5)]
+    targets = [
+        {"@odata.type": "Microsoft.Dynamics.CRM.contact", "emailaddress1": f"a{i}@example.com"}
+        for i in range(5)
+    ]
     targets[3]["emailaddress1"] = "a1@example.com"  # the alternate key of record 1 again
     with pytest.raises(DataverseError) as caught:
         client.bulk_message("CreateMultiple", "contacts", targets)
@@ -186,26 +213,38 @@ def test_create_multiple_is_all_or_nothing_with_the_bad_record_s_own_error(sandb
 def test_a_change_set_is_atomic_and_answers_per_content_id(sandbox_env: SandboxClient) -> None:
     sbx = sandbox_env
     client = get_runtime().dataverse
-    ok = [BatchOperation("PATCH", client.url(f"contacts(emailaddress1='c{i}%40example.com')"), {"firstname": "C"})
-          for i in range(3)]
+    ok = [
+        BatchOperation(
+            "PATCH", client.url(f"contacts(emailaddress1='c{i}%40example.com')"), {"firstname": "C"}
+        )
+        for i in range(3)
+    ]
     parts = client.batch(ok, change_set=True, continue_on_error=False)
     assert [(p.status, p.content_id) for p in parts] == [(204, "1"), (204, "2"), (204, "3")]
     assert len(sbx.records("contacts")) == 3
-    bad = [BatchOperation("PATCH", client.url("contacts(emailaddress1='d%40example.com')"), {"firstname": "D"}),
-           BatchOperation("PATCH", client.url("contacts(emailaddress1='e%40example.com')"), {"firstname": [1]})]
+    bad = [
+        BatchOperation("PATCH", client.url("contacts(emailaddress1='d%40example.com')"), {"firstname": "D"}),
+        BatchOperation("PATCH", client.url("contacts(emailaddress1='e%40example.com')"), {"firstname": [1]}),
+    ]
     with pytest.raises(DataverseError) as caught:
         client.batch(bad, change_set=True, continue_on_error=False)
     assert caught.value.status == 400  # the batch answers with the failing request's status
     assert len(sbx.records("contacts")) == 3  # the first request of the change set was rolled back
 
 
-def test_batch_applies_the_outer_caller_and_counts_once_for_service_protection(sandbox_env: SandboxClient) -> None:
+def test_batch_applies_the_outer_caller_and_counts_once_for_service_protection(
+    sandbox_env: SandboxClient,
+) -> None:
     sbx = sandbox_env
     client = get_runtime().dataverse
     jane = next(u for u in sbx.users if u.get("internalemailaddress") == "jane@contoso.com")
     sbx.set_limits(requests=3)
-    ops = [BatchOperation("PATCH", client.url(f"contacts(emailaddress1='b{i}%40example.com')"), {"firstname": "B"})
-           for i in range(200)]
+    ops = [
+        BatchOperation(
+            "PATCH", client.url(f"contacts(emailaddress1='b{i}%40example.com')"), {"firstname": "B"}
+        )
+        for i in range(200)
+    ]
     parts = client.batch(ops, caller=Caller(jane["systemuserid"], jane["azureactivedirectoryobjectid"]))
     assert {p.status for p in parts} == {204}
     assert {r["_createdby_value"] for r in sbx.records("contacts")} == {jane["systemuserid"]}
@@ -226,8 +265,13 @@ def test_a_claim_check_blob_carries_a_batch_larger_than_a_queue_message(
     text = json.dumps(contacts(1200))
     assert len(text) > 48 * 1024
     service.get_blob_client(container, "batches/one.json").upload_blob(text)
-    job = {"id": "blob-1", "entity": "contacts", "operation": "upsert", "recordsBlob": f"{container}/batches/one.json",
-           "actAs": {"email": "jane@contoso.com"}}
+    job = {
+        "id": "blob-1",
+        "entity": "contacts",
+        "operation": "upsert",
+        "recordsBlob": f"{container}/batches/one.json",
+        "actAs": {"email": "jane@contoso.com"},
+    }
     assert run(job) == []
     assert len(sbx.records("contacts")) == 1200 and dv(sbx)["bulk:UpsertMultiple"] == 3
     (letter,) = run(job | {"recordsBlob": f"{container}/missing.json"})
