@@ -23,6 +23,7 @@ class Workload:
     prefix: str
     count: int
     actors: int
+    per_job: int = 1  # > 1: bulk jobs ("records"), each of up to per_job records for one actor (W6)
 
     def key(self, i: int) -> str:
         return f"{self.prefix}-{i:06d}@example.com"
@@ -43,13 +44,33 @@ class Workload:
             job["actAs"] = {"email": actor}
         return job
 
+    def bulk_job(self, first: int) -> dict[str, Any]:
+        """Records first .. first+per_job-1 (same keys and data as their single jobs) as one bulk job."""
+        indexes = range(first, min(first + self.per_job, self.count))
+        job: dict[str, Any] = {
+            "id": f"{self.prefix}-b{first:06d}",
+            "entity": ENTITY_SET,
+            "operation": "upsert",
+            "records": [{"key": self.job(i)["key"], "data": self.job(i)["data"]} for i in indexes],
+        }
+        actor = self.actor(first)
+        if actor is not None:
+            job["actAs"] = {"email": actor}
+        return job
+
     def bodies(self) -> Iterator[str]:
-        for i in range(self.count):
-            yield json.dumps(self.job(i), ensure_ascii=False, separators=(",", ":"))
+        if self.per_job <= 1:
+            for i in range(self.count):
+                yield json.dumps(self.job(i), ensure_ascii=False, separators=(",", ":"))
+            return
+        if self.actors > 1:
+            raise ValueError("bulk workloads use one actor (or none): a bulk job acts for one user")
+        for first in range(0, self.count, self.per_job):
+            yield json.dumps(self.bulk_job(first), ensure_ascii=False, separators=(",", ":"))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"prefix": self.prefix, "count": self.count, "actors": self.actors}
+        return {"prefix": self.prefix, "count": self.count, "actors": self.actors, "per_job": self.per_job}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Workload:
-        return cls(str(data["prefix"]), int(data["count"]), int(data["actors"]))
+        return cls(str(data["prefix"]), int(data["count"]), int(data["actors"]), int(data.get("per_job", 1)))

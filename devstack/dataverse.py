@@ -10,6 +10,8 @@ errors", "Service protection API limits", the Web service error codes list; [obs
 was seen in real responses quoted in public issues rather than documented).
 
 Anything outside what is emulated answers 501 with a message that says so, rather than a guess.
+Bulk messages (CreateMultiple/UpdateMultiple/UpsertMultiple), ``sdkmessagefilters`` and ``$batch`` are
+in ``devstack.bulk`` (dispatched from ``_Request.dispatch``).
 
 Counters (per sandbox, ``dataverse``): ``<METHOD> <resource>`` and ``status:<code>`` per request,
 ``caller:CallerObjectId`` / ``caller:MSCRMCallerID`` per write that carried that header,
