@@ -175,3 +175,32 @@ def test_bench_figures_leave_a_document_without_markers_alone(tmp_path: Path) ->
 def test_the_committed_bench_doc_has_the_markers_a_full_run_writes_between() -> None:
     text = BENCH_DOC.read_text(encoding="utf-8")
     assert 0 <= text.find(BENCH_START) < text.find(BENCH_END)
+
+
+def test_w6_bulk_workload_covers_the_same_records_in_jobs_that_fit_a_queue_message() -> None:
+    import json as _json
+
+    from bench.workload import Workload
+    from shared.jobs import MAX_JOB_BYTES, parse_message
+
+    single, bulk = Workload("w6s", 1000, 1), Workload("w6b", 1000, 1, 250)
+    bodies = list(bulk.bodies())
+    assert len(bodies) == 4 and all(len(b.encode()) <= MAX_JOB_BYTES for b in bodies)
+    records = [r for b in bodies for r in parse_message(b).records or ()]
+    assert [r["key"] for r in records] == [{"emailaddress1": bulk.key(i)} for i in range(1000)]
+    assert [r["data"] for r in records] == [_json.loads(b)["data"] for b in single.bodies()]
+    assert Workload.from_dict(bulk.to_dict()) == bulk
+
+
+def test_w6_summary_reports_requests_and_wall_time_side_by_side() -> None:
+    from bench import w6
+
+    def run(writes: int, wall: float) -> dict[str, object]:
+        return {"counters": {"dataverse": {"PATCH contacts": writes, "GET WhoAmI": 1, "status:204": writes}},
+                "wall_s": wall, "lost": 0, "wrong_actor": 0, "failures": {}, "dead_lettered": 0}
+
+    summary = w6.summarize(1000, run(1000, 10.0), run(4, 1.0), quick=False)
+    assert [r["requests"] for r in summary["rows"]] == [1001, 5]
+    assert summary["ratios"] == {"requests": 1001 / 5, "wall_time": 10.0}
+    assert "200x fewer requests" in w6.markdown(summary)
+    assert all(met for *_, met in w6.targets(summary))
