@@ -44,6 +44,7 @@ from shared.deadline import current as current_deadline
 from shared.errors import DataverseError, ImpersonationNotApplied, fix_for, unknown_column
 from shared.logs import job_logger
 from shared.odatabatch import BatchFormatError, BatchOperation, BatchPart
+from shared.singleflight import SingleFlight
 from shared.odatabatch import build as build_batch
 from shared.odatabatch import parse as parse_batch
 
@@ -255,6 +256,8 @@ class DataverseClient:
         self._origin = settings.dataverse_url + "/"
         self.dop_hint: int | None = None
         self._tables: dict[str, TableInfo] = {}
+        self._table_flight: SingleFlight[TableInfo] = SingleFlight()
+        self._support_flight: SingleFlight[bool] = SingleFlight()
         self._message_support: dict[tuple[str, str], bool] = {}
 
     def close(self) -> None:
@@ -693,6 +696,10 @@ class DataverseClient:
             return cached
         if not _IDENTIFIER_RE.match(entity_set):
             raise _bad_request(f"{entity_set!r} is not an entity set name")
+        # concurrent cold jobs share one lookup
+        return self._table_flight.do(entity_set, lambda: self._fetch_table_info(entity_set, correlation_id))
+
+    def _fetch_table_info(self, entity_set: str, correlation_id: str | None) -> TableInfo:
         page = self.get_json(
             "EntityDefinitions",
             {
@@ -724,6 +731,9 @@ class DataverseClient:
             return cached
         if not _IDENTIFIER_RE.match(message):
             raise _bad_request(f"{message!r} is not a message name")
+        return self._support_flight.do(key, lambda: self._fetch_support(entity_set, message, correlation_id))
+
+    def _fetch_support(self, entity_set: str, message: str, correlation_id: str | None) -> bool:
         table = self.table_info(entity_set, correlation_id=correlation_id).logical_name
         page = self.get_json(
             "sdkmessagefilters",
@@ -736,7 +746,7 @@ class DataverseClient:
         )
         rows = page.get("value")
         supported = isinstance(rows, list) and len(rows) > 0
-        self._message_support[key] = supported
+        self._message_support[(entity_set, message)] = supported
         return supported
 
     def bulk_message(
