@@ -7,7 +7,10 @@ same data, same actor) as inline bulk jobs of ``PER_JOB`` records (the most that
 message with this data), written with ``UpsertMultiple`` in requests of up to 500 records.
 
 Reported: Dataverse requests (every request the emulator counted, lookups included), requests per
-record, wall time, records/s, lost and wrong-actor records, and the bulk/single ratios.
+record, wall time, records/s, lost and wrong-actor records, and the bulk/single ratios.  The runs are
+measured with the request limit lifted (the latency-bound time), and set beside the least time Dataverse's
+default limit of 6,000 requests per 5-minute window allows for that many requests: one job per record
+needs 20,000 requests, i.e. at least three full windows (> 15 minutes), which no harness should sit through.
 Caveat, stated with the figures: the emulator answers a bulk request in its own (measured) time plus
 the fixed latency, and does not model Dataverse's per-record server time; the request ratio is exact,
 the wall-time ratio is what this harness sees and is an upper bound for a real environment.
@@ -21,12 +24,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from bench.report import window_minimum_seconds
 from bench.runner import Conditions
 from bench.workload import Workload
 
 RECORDS, QUICK_RECORDS = 20_000, 2_000
 PER_JOB = 250
 LATENCY, AUTH_LATENCY = 0.100, 0.020
+LIFTED = {"requests": 10_000_000, "window_seconds": 300, "concurrent": 52}
+SERVICE_REQUESTS, SERVICE_WINDOW = 6000, 300.0  # Dataverse's default per user per web server
 _REQUEST = re.compile(r"(GET|POST|PATCH|PUT|DELETE) \S+")
 START, END = "<!-- bench-w6:start -->", "<!-- bench-w6:end -->"
 
@@ -40,7 +46,7 @@ def requests_sent(run: Mapping[str, Any]) -> int:
 def run_w6(one: Callable[..., dict[str, Any] | None], stack: Any, *, quick: bool) -> dict[str, Any]:
     """Measure both contenders with ``one`` (Bench.one); the summary that results and docs show."""
     records = QUICK_RECORDS if quick else RECORDS
-    conditions = Conditions(LATENCY, AUTH_LATENCY)
+    conditions = Conditions(LATENCY, AUTH_LATENCY, dict(LIFTED))
     single = one(stack, "W6", "one job per record", "project", Workload("w6s", records, 1), conditions)
     bulk = one(stack, "W6", f"bulk jobs of {PER_JOB}", "project", Workload("w6b", records, 1, PER_JOB),
                conditions)
@@ -54,6 +60,7 @@ def summarize(records: int, single: Mapping[str, Any] | None, bulk: Mapping[str,
         if run is None:
             continue
         sent = requests_sent(run)
+        least = window_minimum_seconds(sent, SERVICE_REQUESTS, SERVICE_WINDOW, LATENCY)
         rows.append({
             "contender": name,
             "records": records,
@@ -64,6 +71,7 @@ def summarize(records: int, single: Mapping[str, Any] | None, bulk: Mapping[str,
             "bulk_requests": int(run["counters"].get("dataverse", {}).get("bulk:UpsertMultiple", 0)),
             "wall_s": run["wall_s"],
             "records_per_s": records / run["wall_s"] if run["wall_s"] else 0.0,
+            "least_under_limits_s": max(run["wall_s"], least),
             "lost": run["lost"],
             "wrong_actor": run["wrong_actor"],
             "dead_lettered": run.get("dead_lettered", 0),
@@ -74,6 +82,8 @@ def summarize(records: int, single: Mapping[str, Any] | None, bulk: Mapping[str,
         ratios = {
             "requests": rows[0]["requests"] / rows[1]["requests"] if rows[1]["requests"] else None,
             "wall_time": rows[0]["wall_s"] / rows[1]["wall_s"] if rows[1]["wall_s"] else None,
+            "under_limits": (rows[0]["least_under_limits_s"] / rows[1]["least_under_limits_s"]
+                             if rows[1]["least_under_limits_s"] else None),
         }
     return {"quick": quick, "records": records, "per_job": PER_JOB, "latency_ms": LATENCY * 1000,
             "rows": rows, "ratios": ratios}
@@ -82,22 +92,25 @@ def summarize(records: int, single: Mapping[str, Any] | None, bulk: Mapping[str,
 def markdown(summary: Mapping[str, Any]) -> str:
     lines = [
         f"W6: {summary['records']:,} contact upserts by alternate key, one actor, Dataverse "
-        f"{summary['latency_ms']:.0f} ms per request, 24 concurrent invocations"
-        + (" (quick run: not comparable)" if summary["quick"] else "") + ".",
+        f"{summary['latency_ms']:.0f} ms per request, 24 concurrent invocations, request limit lifted"
+        + (" (quick run: not comparable)" if summary["quick"] else "") + ". *At least, under the "
+        "default limit*: the least time 6,000 requests per 5-minute window allow for the requests sent.",
         "",
-        "| contender | jobs | Dataverse requests | requests/record | 429s | wall s | records/s | lost | "
-        "wrong actor | dead-lettered |",
+        "| contender | jobs | Dataverse requests | requests/record | wall s | records/s | at least, under "
+        "the default limit | lost | wrong actor | dead-lettered |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in summary["rows"]:
         lines.append(
             f"| {r['contender']} | {r['jobs']:,} | {r['requests']:,} | {r['requests_per_record']:.3f} | "
-            f"{r['status_429']} | {r['wall_s']:.1f} | {r['records_per_s']:.0f} | {r['lost']} | "
-            f"{r['wrong_actor']} | {r['dead_lettered']} |")
+            f"{r['wall_s']:.1f} | {r['records_per_s']:.0f} | {r['least_under_limits_s']:.1f} s | "
+            f"{r['lost']} | {r['wrong_actor']} | {r['dead_lettered']} |")
     ratios = summary.get("ratios") or {}
     if ratios.get("requests") and ratios.get("wall_time"):
+        under = ratios.get("under_limits") or 0.0
         lines += ["", f"Bulk jobs send **{ratios['requests']:.0f}x fewer requests** and take "
-                      f"**{ratios['wall_time']:.1f}x less wall time** than one job per record. The request "
+                      f"**{ratios['wall_time']:.1f}x less wall time** than one job per record with the limit "
+                      f"lifted, **{under:.0f}x less** under the default limit. The request "
                       "ratio is exact (each bulk request counts once against the 6,000-per-5-minutes limit); "
                       "the emulator does not model Dataverse's per-record server time, so on a real "
                       "environment the wall-time gain is smaller (bulk requests still count their full "

@@ -201,6 +201,9 @@ def test_w6_summary_reports_requests_and_wall_time_side_by_side() -> None:
 
     summary = w6.summarize(1000, run(1000, 10.0), run(4, 1.0), quick=False)
     assert [r["requests"] for r in summary["rows"]] == [1001, 5]
-    assert summary["ratios"] == {"requests": 1001 / 5, "wall_time": 10.0}
+    assert summary["ratios"] == {"requests": 1001 / 5, "wall_time": 10.0, "under_limits": 10.0}
+    many = w6.summarize(20_000, run(20_000, 180.0), run(80, 5.0), quick=False)
+    assert many["rows"][0]["least_under_limits_s"] == pytest.approx(900.1)  # 3 full windows of 6,000
+    assert many["rows"][1]["least_under_limits_s"] == 5.0
     assert "200x fewer requests" in w6.markdown(summary)
     assert all(met for *_, met in w6.targets(summary))
