@@ -8,9 +8,10 @@ message with this data), written with ``UpsertMultiple`` in requests of up to 50
 
 Reported: Dataverse requests (every request the emulator counted, lookups included), requests per
 record, wall time, records/s, lost and wrong-actor records, and the bulk/single ratios.  The runs are
-measured with the request limit lifted (the latency-bound time), and set beside the least time Dataverse's
-default limit of 6,000 requests per 5-minute window allows for that many requests: one job per record
-needs 20,000 requests, i.e. at least three full windows (> 15 minutes), which no harness should sit through.
+measured with the request and execution-time limits lifted (the latency-bound time), and set beside
+the least time Dataverse's default limit of 6,000 requests per 5-minute window allows for that many
+requests: one job per record needs 20,000 requests, i.e. at least three full windows (> 15 minutes),
+which no harness should sit through.
 Caveat, stated with the figures: the emulator answers a bulk request in its own (measured) time plus
 the fixed latency, and does not model Dataverse's per-record server time; the request ratio is exact,
 the wall-time ratio is what this harness sees and is an upper bound for a real environment.
@@ -31,7 +32,7 @@ from bench.workload import Workload
 RECORDS, QUICK_RECORDS = 20_000, 2_000
 PER_JOB = 250
 LATENCY, AUTH_LATENCY = 0.100, 0.020
-LIFTED = {"requests": 10_000_000, "window_seconds": 300, "concurrent": 52}
+LIFTED = {"requests": 10_000_000, "execution_ms": 1_000_000_000, "window_seconds": 300, "concurrent": 52}
 SERVICE_REQUESTS, SERVICE_WINDOW = 6000, 300.0  # Dataverse's default per user per web server
 _REQUEST = re.compile(r"(GET|POST|PATCH|PUT|DELETE) \S+")
 START, END = "<!-- bench-w6:start -->", "<!-- bench-w6:end -->"
@@ -92,7 +93,8 @@ def summarize(records: int, single: Mapping[str, Any] | None, bulk: Mapping[str,
 def markdown(summary: Mapping[str, Any]) -> str:
     lines = [
         f"W6: {summary['records']:,} contact upserts by alternate key, one actor, Dataverse "
-        f"{summary['latency_ms']:.0f} ms per request, 24 concurrent invocations, request limit lifted"
+        f"{summary['latency_ms']:.0f} ms per request, 24 concurrent invocations, request and execution-time "
+        "limits lifted"
         + (" (quick run: not comparable)" if summary["quick"] else "") + ". *At least, under the "
         "default limit*: the least time 6,000 requests per 5-minute window allow for the requests sent.",
         "",
@@ -109,8 +111,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
     if ratios.get("requests") and ratios.get("wall_time"):
         under = ratios.get("under_limits") or 0.0
         lines += ["", f"Bulk jobs send **{ratios['requests']:.0f}x fewer requests** and take "
-                      f"**{ratios['wall_time']:.1f}x less wall time** than one job per record with the limit "
-                      f"lifted, **{under:.0f}x less** under the default limit. The request "
+                      f"**{ratios['wall_time']:.1f}x less wall time** than one job per record with the "
+                      f"limits lifted, **{under:.0f}x less** under the default limit. The request "
                       "ratio is exact (each bulk request counts once against the 6,000-per-5-minutes limit); "
                       "the emulator does not model Dataverse's per-record server time, so on a real "
                       "environment the wall-time gain is smaller (bulk requests still count their full "

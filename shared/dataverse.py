@@ -44,9 +44,9 @@ from shared.deadline import current as current_deadline
 from shared.errors import DataverseError, ImpersonationNotApplied, fix_for, unknown_column
 from shared.logs import job_logger
 from shared.odatabatch import BatchFormatError, BatchOperation, BatchPart
-from shared.singleflight import SingleFlight
 from shared.odatabatch import build as build_batch
 from shared.odatabatch import parse as parse_batch
+from shared.singleflight import SingleFlight
 
 if TYPE_CHECKING:
     from shared.settings import Settings
