@@ -338,7 +338,11 @@ FIXES: dict[str, str] = {
     # the job itself
     "invalid_json": "The message is not JSON: fix the sender.",
     "invalid_job": "The job breaks the contract (see details for the field): fix the sender.",
-    "job_too_large": "A job is at most 48 KiB of JSON: send large values some other way.",
+    "job_too_large": "A job is at most 48 KiB of JSON: send large values some other way (a bulk job's "
+                     "records can go in a blob, recordsBlob: see docs/bulk.md).",
+    "storage_unavailable": "The app's storage account (AzureWebJobsStorage) did not answer while reading a "
+                           "bulk job's recordsBlob; the job is retried. Check the account and its network "
+                           "rules.",
     "dead_letter_too_large": "The job is too close to the size limit to be dead-lettered: it stays in "
                              "-poison; fix it and send it again.",
     "sync_error": "See the detail above.",

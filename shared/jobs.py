@@ -618,9 +618,11 @@ def check_bulk_fields(
     obj: Mapping[str, Any], operation: object, errors: _Errors
 ) -> tuple[tuple[dict[str, Any], ...] | None, str | None]:
     """Validate a bulk job's own fields; problems go into ``errors`` with paths like records[17].key."""
-    for name in ("key", "data"):
-        if name in obj:
-            errors.add("must be absent in a bulk job (each record has its own)", name)
+    bulk_field = "records" if "records" in obj else "recordsBlob"
+    if "key" in obj or "data" in obj:
+        errors.add("a bulk job has no top-level key or data (each record has its own): give one or the other",
+                   bulk_field)
+        return None, None
     if "records" in obj and "recordsBlob" in obj:
         errors.add("give records or recordsBlob, not both", "recordsBlob")
         return None, None

@@ -120,8 +120,8 @@ def test_record_problems_name_their_paths_all_at_once() -> None:
         ),
         (
             {"recordsBlob": "batches/x.json", "key": "aaaaaaaa-0000-0000-0000-000000000001"},
-            "key",
-            "must be absent in a bulk job (each record has its own)",
+            "recordsBlob",
+            "a bulk job has no top-level key or data (each record has its own): give one or the other",
         ),
     ],
 )
