@@ -43,7 +43,8 @@ def job(**overrides: Any) -> dict[str, Any]:
 
 def dead_letter(out: Out) -> dict[str, Any]:
     assert out.was_set, "expected a dead-letter record"
-    record: dict[str, Any] = json.loads(out.value)
+    (text,) = out.value  # sync_job writes a list: one dead-letter record per job (or per failed bulk record)
+    record: dict[str, Any] = json.loads(text)
     return record
 
 
