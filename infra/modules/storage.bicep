@@ -35,6 +35,7 @@ param appContainerNames array = [
   'reconciliation' // reconcile_users: roster in, snapshot and reports out
   'webhook-replay' // the webhook's replay window (shared/replay.py)
   'dataverse-throttle' // the deployment-wide Dataverse throttle (shared/throttle.py)
+  'bulk-records' // bulk jobs' claim-check blobs ("recordsBlob": "bulk-records/<path>", docs/bulk.md)
 ]
 
 @description('Subnet admitted through its Microsoft.Storage service endpoint; the account then denies every other network. Empty: no virtual network, the account accepts every network (still Entra RBAC only).')
