@@ -27,7 +27,7 @@ from shared.errors import ActorError, ConfigurationError, SyncError
 from shared.jobs import dumps, is_email_address, process_message
 from shared.reconciliation import ROSTER_PATH, SNAPSHOT_PATH, run_reconciliation
 from shared.settings import http_max_wait_seconds
-from shared.webhooks import declared_too_large, error_body, handle_webhook
+from shared.webhooks import declared_too_large, error_body, receive_webhook
 
 if TYPE_CHECKING:
     from shared.runtime import Runtime
@@ -103,19 +103,6 @@ def _runtime() -> "Runtime":
     return get_runtime()
 
 
-def _webhook_key() -> str:
-    runtime = _runtime()
-    key: str = runtime.secrets.get(runtime.settings.webhook_secret_name)
-    return key
-
-
-def _reread_webhook_key(stale: str) -> str | None:
-    """A rotated key is picked up without a restart; at most one Key Vault read a minute."""
-    runtime = _runtime()
-    key: str | None = runtime.secrets.refresh_if_due(runtime.settings.webhook_secret_name, stale)
-    return key
-
-
 def _blob_bytes(blob: Any) -> bytes | str | None:
     """A missing input blob arrives as None; otherwise an InputStream (or str/bytes from a local host)."""
     if blob is None or isinstance(blob, str | bytes):
@@ -148,19 +135,17 @@ def sync_job(msg: func.QueueMessage, deadletter: func.Out[typing.List[str]]) -> 
 @app.route(route="webhooks/{source}", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
 @app.queue_output(arg_name="jobs", queue_name=SYNC_QUEUE, connection=STORAGE)
 def webhook(req: func.HttpRequest, jobs: func.Out[typing.List[str]]) -> func.HttpResponse:  # noqa: UP006
-    """Signed batch of jobs -> one queue message per job, all or nothing."""
+    """Signed batch of jobs -> one sealed queue message per job, all or nothing; a replay is 409."""
 
     def handle() -> func.HttpResponse:
         declared = declared_too_large(req.headers)
         if declared is not None:  # answered before req.get_body(): a huge body is never read
             return _json(declared.status, declared.body)
         source = req.route_params.get("source", "")
-        result = handle_webhook(
-            source, req.headers, req.get_body(), _webhook_key, refresh_key=_reread_webhook_key
-        )
+        result = receive_webhook(source, req.headers, req.get_body(), _runtime)
         if result.status == 202:
             jobs.set(result.messages)
-        return _json(result.status, result.body)
+        return _json(result.status, result.body, result.headers or None)
 
     return _guarded("webhook", handle)
 

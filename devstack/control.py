@@ -20,6 +20,7 @@ from devstack.sandboxes import (
     CERTIFICATE_NAME,
     CLIENT_SECRET_NAME,
     CREDENTIAL_MODES,
+    MESSAGE_SECRET_NAME,
     SERVICES,
     TOKEN_EXCHANGE_AUDIENCE,
     WEBHOOK_SECRET_NAME,
@@ -55,6 +56,7 @@ def sandbox_env(registry: Registry, sandbox: Sandbox) -> dict[str, str]:
         "WEBHOOK_SECRET_NAME": WEBHOOK_SECRET_NAME,
         "DATAVERSE_CREDENTIAL": sandbox.credential_mode,
         "DATAVERSE_CERTIFICATE_NAME": CERTIFICATE_NAME,
+        "MESSAGE_SIGNING_SECRET_NAME": MESSAGE_SECRET_NAME,
     }
     if registry.ca_bundle:
         env["REQUESTS_CA_BUNDLE"] = registry.ca_bundle
@@ -244,6 +246,14 @@ def create_app(registry: Registry) -> Flask:
             raise _Problem(400, "value must be a string")
         version = sandbox_or_404(sandbox_id).set_secret(name, value)
         return jsonify({"name": name, "version": version.version})
+
+    @app.get("/sandboxes/<sandbox_id>/secrets/<name>")
+    def get_secret(sandbox_id: str, name: str) -> Response:
+        """The latest value, for test and tool code that must sign as the app (never counted)."""
+        found = sandbox_or_404(sandbox_id).get_secret(name)
+        if found is None:
+            raise _Problem(404, f"no secret {name!r}")
+        return jsonify({"name": name, "value": found.value, "version": found.version})
 
     @app.put("/sandboxes/<sandbox_id>/client-secret")
     def set_client_secret(sandbox_id: str) -> Response:
@@ -474,6 +484,11 @@ class SandboxClient:
         """Adds a new Key Vault version; returns its version id."""
         result = self._http.call("PUT", self._path(f"/secrets/{name}"), {"value": value})
         return str(result["version"])
+
+    def secret(self, name: str) -> str:
+        """The latest value of a Key Vault secret, read through the control API (no Key Vault counter)."""
+        result = self._http.call("GET", self._path(f"/secrets/{name}"))
+        return str(result["value"])
 
     def set_client_secret(self, value: str, *, keep_old: bool = False) -> None:
         self._http.call("PUT", self._path("/client-secret"), {"value": value, "keep_old": keep_old})

@@ -27,6 +27,7 @@ CERTIFICATE_NAME = "dataverse-certificate"
 TOKEN_EXCHANGE_AUDIENCE = "api://AzureADTokenExchange"
 CREDENTIAL_MODES = ("secret", "federated", "certificate")
 WEBHOOK_SECRET_NAME = "webhook-signing-secret"
+MESSAGE_SECRET_NAME = "queue-message-signing-key"
 
 # The `default` sandbox has fixed ids so `make run --serve` and the README's curl examples are stable.
 DEFAULT_SANDBOX_ID = "default"
@@ -40,6 +41,8 @@ DEFAULT_IDENTITY_HEADER = "devstack-default-identity-header"
 DEFAULT_CLIENT_SECRET = "devstack-default-client-secret-NOT-A-REAL-SECRET"
 # THROWAWAY DEV-ONLY VALUE: the webhook signing key of the `default` sandbox (README curl examples).
 DEFAULT_WEBHOOK_SECRET = "devstack-default-webhook-key-NOT-A-REAL-SECRET"
+# THROWAWAY DEV-ONLY VALUE: the queue message signing key of the `default` sandbox (queuectl --state).
+DEFAULT_MESSAGE_SECRET = "devstack-default-message-key-NOT-A-REAL-SECRET"
 
 
 class OrgLike(Protocol):
@@ -368,6 +371,7 @@ class Sandbox:
                 "client_secret_name": CLIENT_SECRET_NAME,
                 "webhook_secret_name": WEBHOOK_SECRET_NAME,
                 "certificate_name": CERTIFICATE_NAME,
+                "message_secret_name": MESSAGE_SECRET_NAME,
                 "token_lifetime": self.token_lifetime,
                 "credential_mode": self.credential_mode,
                 # The app registration's credentials (no values) and the vault's secret names.
@@ -428,14 +432,17 @@ class Registry:
                 mi_client_id=DEFAULT_MI_CLIENT_ID, identity_header=DEFAULT_IDENTITY_HEADER,
             )
             client_secret, webhook_secret = DEFAULT_CLIENT_SECRET, DEFAULT_WEBHOOK_SECRET
+            message_secret = DEFAULT_MESSAGE_SECRET
         else:
             sandbox = Sandbox(id=sandbox_id or f"sbx-{uuid.uuid4().hex[:12]}")
             client_secret, webhook_secret = _random.token_urlsafe(30), _random.token_urlsafe(32)
+            message_secret = _random.token_urlsafe(32)
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", sandbox.id):
             raise ValueError("sandbox id: 1-64 letters, digits, '_', '.', '-'")
         sandbox.set_client_secret(client_secret)
         sandbox.set_secret(CLIENT_SECRET_NAME, client_secret)
         sandbox.set_secret(WEBHOOK_SECRET_NAME, webhook_secret)
+        sandbox.set_secret(MESSAGE_SECRET_NAME, message_secret)
         sandbox.org = self._org_factory(sandbox, seed, users)
         with self._lock:
             if sandbox.id in self._by_id:

@@ -51,6 +51,15 @@ param dataverseAppUniqueName string = ''
 @description('WEBHOOK_SECRET_NAME: Key Vault secret that holds the webhook signing key.')
 param webhookSecretName string = 'webhook-signing-secret'
 
+@description('MESSAGE_SIGNING_SECRET_NAME: Key Vault secret the app signs queue messages with (only the app and operators read it).')
+param messageSigningSecretName string = 'queue-message-signing-key'
+
+@description('WEBHOOK_KEY_GRACE_SECONDS: how long a replaced signing key is still accepted after the new one is read.')
+param webhookKeyGraceSeconds string = '600'
+
+@description('WEBHOOK_KEY_REFRESH_SECONDS: how often each instance re-reads the signing keys from Key Vault.')
+param webhookKeyRefreshSeconds string = '300'
+
 @description('DATAVERSE_API_VERSION: Web API version.')
 param dataverseApiVersion string = 'v9.2'
 
@@ -90,6 +99,10 @@ param dataverseClientSecret string = ''
 @secure()
 @description('Optional: the webhook signing key, written to Key Vault when given.')
 param webhookSigningSecret string = ''
+
+@secure()
+@description('Optional: the queue message signing key (random, at least 32 bytes), written to Key Vault when given. Senders never get it.')
+param messageSigningSecret string = ''
 
 @description('Deny (default): the vault admits only the app (through its virtual network), Azure trusted services and keyVaultAllowedIpAddresses. Allow: open to every network, still Entra RBAC only, for a first-time setup without virtual network integration.')
 @allowed([
@@ -204,6 +217,8 @@ module keyVault 'modules/keyvault.bicep' = {
     // The client secret is written only in the secret mode (federated and certificate need none).
     dataverseCredential: dataverseCredential
     webhookSigningSecret: webhookSigningSecret
+    messageSecretName: messageSigningSecretName
+    messageSigningSecret: messageSigningSecret
     workspaceId: monitoring.outputs.workspaceId
   }
 }
@@ -263,6 +278,9 @@ module functionApp 'modules/functionapp.bicep' = {
     dataverseCredential: dataverseCredential
     dataverseCertificateName: dataverseCertificateName
     webhookSecretName: webhookSecretName
+    messageSigningSecretName: messageSigningSecretName
+    webhookKeyGraceSeconds: webhookKeyGraceSeconds
+    webhookKeyRefreshSeconds: webhookKeyRefreshSeconds
     dataverseApiVersion: dataverseApiVersion
     syncQueueName: syncQueueName
     reconcileSchedule: reconcileSchedule

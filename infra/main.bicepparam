@@ -19,6 +19,7 @@ param dataverseClientId = readEnvironmentVariable('DATAVERSE_CLIENT_ID')
 // Optional; prefer `az keyvault secret set` after the deployment (see the README, "Deploy").
 param dataverseClientSecret = readEnvironmentVariable('DATAVERSE_CLIENT_SECRET', '')
 param webhookSigningSecret = readEnvironmentVariable('WEBHOOK_SIGNING_SECRET', '')
+param messageSigningSecret = readEnvironmentVariable('MESSAGE_SIGNING_SECRET', '')
 
 // Deny (default) or Allow; and a comma-separated list of addresses let through the vault firewall.
 param keyVaultNetworkDefaultAction = readEnvironmentVariable('KEY_VAULT_NETWORK_DEFAULT_ACTION', 'Deny')

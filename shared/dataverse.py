@@ -596,10 +596,15 @@ class DataverseClient:
         *,
         caller: Caller | None = None,
         correlation_id: str | None = None,
+        if_match: str | None = None,
     ) -> WriteResult:
-        """PATCH + If-Match: * — never creates; a missing record is a permanent ``record_not_found``."""
+        """PATCH + If-Match: * — never creates; a missing record is a permanent ``record_not_found``.
+
+        ``if_match`` (an ETag) instead: only that version is overwritten; a newer one answers 412
+        (``precondition_failed``, permanent).
+        """
         path = entity_path(entity_set, key)
-        headers = {"If-Match": "*"}
+        headers = {"If-Match": if_match or "*"}
         return self._write("update", "PATCH", entity_set, path, key, data, headers, caller, correlation_id)
 
     def upsert(
@@ -610,9 +615,12 @@ class DataverseClient:
         *,
         caller: Caller | None = None,
         correlation_id: str | None = None,
+        if_match: str | None = None,
     ) -> WriteResult:
+        """PATCH; with ``if_match`` (an ETag) only that version is overwritten (412 otherwise)."""
         path = entity_path(entity_set, key)
-        return self._write("upsert", "PATCH", entity_set, path, key, data, {}, caller, correlation_id)
+        headers = {"If-Match": if_match} if if_match else {}
+        return self._write("upsert", "PATCH", entity_set, path, key, data, headers, caller, correlation_id)
 
     def delete(
         self,
@@ -621,10 +629,16 @@ class DataverseClient:
         *,
         caller: Caller | None = None,
         correlation_id: str | None = None,
+        if_match: str | None = None,
     ) -> WriteResult:
-        """DELETE; a record that is already gone (404 record not found) is a success, ``noop=True``."""
+        """DELETE; a record that is already gone (404 record not found) is a success, ``noop=True``.
+
+        With ``if_match`` (an ETag) only that version is deleted; a newer one answers 412.
+        """
         path = entity_path(entity_set, key)
         headers = caller.headers() if caller else {}
+        if if_match:
+            headers = {**headers, "If-Match": if_match}
         try:
             response = self.request("DELETE", path, headers=headers, correlation_id=correlation_id)
         except DataverseError as exc:

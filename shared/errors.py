@@ -73,6 +73,26 @@ class ImpersonationNotApplied(SyncError):
     code = "impersonation_not_applied"
 
 
+class UnauthenticatedMessage(SyncError):
+    """A queue message whose ``_auth`` is missing, malformed or does not verify: ``unauthenticated_message``.
+
+    Permanent and the message's own fault (dead-lettered with the message kept): the queue is a way in
+    that bypasses the webhook's signature, so an unsigned message is refused, never guessed at.
+    """
+
+    code = "unauthenticated_message"
+
+
+class ReplayStoreUnavailable(SyncError):
+    """The shared replay window (blob storage) could not be read or written: ``replay_store_unavailable``.
+
+    Transient: the webhook answers 503 with Retry-After rather than accept a body it cannot prove new.
+    """
+
+    code = "replay_store_unavailable"
+    transient = True
+
+
 class AuthError(SyncError):
     """Managed identity, Key Vault or Entra ID refused or failed.
 

@@ -53,8 +53,10 @@ from shared.errors import (
     ImpersonationNotApplied,
     InvalidJob,
     SyncError,
+    UnauthenticatedMessage,
 )
 from shared.logs import job_logger
+from shared.messages import authenticate
 
 if TYPE_CHECKING:
     from shared.bulk import BulkReport
@@ -68,7 +70,7 @@ MAX_JOB_BYTES = 48 * 1024
 """A queue message is at most 64 KiB after base64, i.e. 48 KiB of JSON text (UTF-8 bytes)."""
 
 OPERATIONS = ("create", "update", "upsert", "delete")
-FIELDS = ("id", "entity", "operation", "key", "data", "actAs", "source", "records", "recordsBlob")
+FIELDS = ("id", "entity", "operation", "key", "data", "actAs", "source", "records", "recordsBlob", "ifMatch")
 RECORD_FIELDS = ("key", "data")
 """A bulk job's records: each has the single-record job's ``key`` and ``data`` for its operation."""
 
@@ -81,6 +83,8 @@ SOURCE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 # Alternate keys may include lookup columns, which Dataverse names _<column>_value.
 _KEY_PROPERTY = re.compile(r"_?[a-z][a-z0-9_]*")
+# An ETag as Dataverse sends it (W/"<rowversion>"), or a strong one: quoted, printable, no quote inside.
+_ETAG = re.compile(r'(?:W/)?"[\x21\x23-\x7e]{1,128}"')
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ class Job:
     act_as: dict[str, str] | None
     raw: dict[str, Any]
     source: str | None = None
+    if_match: str | None = None
     records: tuple[dict[str, Any], ...] | None = None  # a bulk job's inline records (validated)
     records_blob: str | None = None  # a bulk job's claim-check: "<container>/<path>"
 
@@ -189,13 +194,37 @@ def parse_job(obj: object, *, where: str = "") -> Job:
     source = obj.get("source")
     if "source" in obj and (not isinstance(source, str) or SOURCE.fullmatch(source) is None):
         errors.add("must be 1-64 characters of A-Z a-z 0-9 . _ -", "source")
+    if_match = _check_if_match(obj, operation, errors)
 
     if errors.items:
         raise _invalid(errors)
     assert isinstance(job_id, str) and isinstance(entity, str) and isinstance(operation, str)
     assert source is None or isinstance(source, str)
     return Job(id=job_id, entity=entity, operation=operation, key=key, data=data, act_as=act_as, raw=obj,
-               source=source, records=records, records_blob=records_blob)
+               source=source, records=records, records_blob=records_blob,
+               if_match=if_match)
+
+
+def _check_if_match(obj: Mapping[str, Any], operation: object, errors: _Errors) -> str | None:
+    """``ifMatch``: the ETag of the version the sender last read; the write is sent with ``If-Match``.
+
+    So an older job (a late redelivery, a replay from -deadletter) cannot overwrite a newer write:
+    Dataverse answers 412 and the job is dead-lettered ``precondition_failed``.  Meaningless for a
+    create (there is no version yet), so refused there rather than ignored.
+    """
+    if "ifMatch" not in obj:
+        return None
+    value = obj["ifMatch"]
+    if operation == "create":
+        errors.add("is not allowed for create (a new record has no version to match)", "ifMatch")
+        return None
+    if "records" in obj or "recordsBlob" in obj:
+        errors.add("is not allowed for a bulk job (one ETag cannot match many records)", "ifMatch")
+        return None
+    if not isinstance(value, str) or _ETAG.fullmatch(value) is None:
+        errors.add('must be an ETag from a previous read, e.g. W/"12345678"', "ifMatch")
+        return None
+    return value
 
 
 def _check_key(obj: Mapping[str, Any], operation: object, errors: _Errors) -> str | dict[str, Any] | None:
@@ -395,8 +424,8 @@ def _decode(body: str | bytes) -> str:
         ) from None
 
 
-def parse_message(body: str | bytes) -> Job:
-    """Decode and validate one queue message: ``invalid_json``, ``job_too_large`` or ``invalid_job``."""
+def decode_message(body: str | bytes) -> Any:
+    """The JSON value of one queue message: ``invalid_json`` or ``job_too_large``."""
     size = len(body) if isinstance(body, bytes) else text_size(body)
     if size > MAX_JOB_BYTES:
         raise InvalidJob(
@@ -413,7 +442,23 @@ def parse_message(body: str | bytes) -> Job:
             code="invalid_json",
             details=[{"field": "job", "message": str(exc)}],
         ) from None
-    return parse_job(obj)
+    return obj
+
+
+def parse_message(body: str | bytes) -> Job:
+    """Decode and validate one message's job (no signature check: see ``read_message``)."""
+    return parse_job(decode_message(body))
+
+
+def read_message(body: str | bytes, runtime: Callable[[], Runtime]) -> tuple[Any, Job]:
+    """(the message as decoded, its job): decoded, authenticated (``shared.messages``), validated.
+
+    Authentication comes before the schema, as at the webhook: a message nobody signed is
+    ``unauthenticated_message`` whatever it holds.  Only what cannot be decoded at all is reported first.
+    """
+    message = decode_message(body)
+    job = authenticate(message, runtime().message_keys)
+    return message, parse_job(job)
 
 
 def _describe_key(key: str | Mapping[str, Any] | None) -> str:
@@ -480,14 +525,21 @@ def _write(job: Job, runtime: Runtime, caller: Caller | None) -> WriteResult:
         result = dataverse.create(job.entity, job.data, key=key, caller=caller, correlation_id=cid)
     elif job.operation == "update":
         assert job.data is not None and job.key is not None
-        result = dataverse.update(job.entity, job.key, job.data, caller=caller, correlation_id=cid)
+        result = dataverse.update(job.entity, job.key, job.data, caller=caller, correlation_id=cid,
+                                  **_if_match(job))
     elif job.operation == "upsert":
         assert job.data is not None and job.key is not None
-        result = dataverse.upsert(job.entity, job.key, job.data, caller=caller, correlation_id=cid)
+        result = dataverse.upsert(job.entity, job.key, job.data, caller=caller, correlation_id=cid,
+                                  **_if_match(job))
     else:
         assert job.key is not None
-        result = dataverse.delete(job.entity, job.key, caller=caller, correlation_id=cid)
+        result = dataverse.delete(job.entity, job.key, caller=caller, correlation_id=cid, **_if_match(job))
     return result
+
+
+def _if_match(job: Job) -> dict[str, str]:
+    """Only passed when set, so a job without ``ifMatch`` makes exactly the calls it always made."""
+    return {"if_match": job.if_match} if job.if_match is not None else {}
 
 
 @dataclass(frozen=True)
@@ -515,7 +567,7 @@ def is_job_fault(error: SyncError) -> bool:
         return False
     if isinstance(error, DataverseError):
         return error.code != "dataverse_unauthorized"
-    return isinstance(error, InvalidJob | ActorError | ImpersonationNotApplied)
+    return isinstance(error, InvalidJob | ActorError | ImpersonationNotApplied | UnauthenticatedMessage)
 
 
 def dead_letter_record(job: object, error: SyncError, *, now: datetime | None = None) -> dict[str, Any]:
@@ -542,15 +594,19 @@ def process_message(body: str | bytes, runtime: Callable[[], Runtime]) -> JobOut
     """One delivery of one message.  Returns success or a dead-letter record; raises to have it retried.
 
     The caller hands in the runtime, as it does to ``run_reconciliation``; as a factory, called only once
-    the message is a valid job, so a malformed message is dead-lettered even when settings are missing.
+    the message decodes as JSON (its signature is checked with the app's message key, before its schema),
+    so text that is not JSON is dead-lettered even when settings are missing.
 
     A dead-letter record that would not fit on a queue (a near-limit job full of characters JSON must
     escape) is not truncated: the function raises, and the host keeps the original in ``-poison``.
     """
     started = time.monotonic()  # the job's deadline counts from its delivery
     try:
-        job = parse_message(body)
-    except InvalidJob as exc:
+        message, job = read_message(body, runtime)
+    except (InvalidJob, UnauthenticatedMessage) as exc:
+        if exc.transient:
+            job_logger(log, None).warning("outcome=retry reason=%s detail=%s", exc.code, exc.message)
+            raise
         original = _original(body)
         job_id = original.get("id") if isinstance(original, dict) else None
         shown = job_id if isinstance(job_id, str) and _ID.fullmatch(job_id) else None
@@ -581,7 +637,8 @@ def process_message(body: str | bytes, runtime: Callable[[], Runtime]) -> JobOut
             jlog.error("outcome=retry reason=%s (environment, not the job) detail=%s", exc.code, exc.message)
             raise
         jlog.warning("outcome=dead-letter reason=%s detail=%s", exc.code, exc.message)
-        return JobOutcome(job.id, None, _fit(dead_letter_record(job.raw, exc), job.id))
+        # the message as it came (with its _auth): a replay from -deadletter still verifies
+        return JobOutcome(job.id, None, _fit(dead_letter_record(message, exc), job.id))
     except Exception:
         jlog.exception("outcome=retry reason=unexpected_error")
         raise

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from shared import logs
 from shared.attribution import AttributionGuard
 from shared.dataverse import DataverseClient
+from shared.keyring import KeyRing
+from shared.replay import ReplayGuard
 from shared.secrets import SecretStore
 from shared.settings import Settings, get_settings, reset_settings
 from shared.storage import BlobStore
@@ -28,7 +30,10 @@ class Runtime:
     dataverse: DataverseClient
     users: UserDirectory
     attribution: AttributionGuard
-    blobs: BlobStore = field(default_factory=BlobStore)  # AzureWebJobsStorage, at first use (claim-checks)
+    webhook_keys: KeyRing
+    message_keys: KeyRing
+    replay: ReplayGuard
+    blobs: BlobStore = field(default_factory=BlobStore)  # AzureWebJobsStorage, at first use
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
@@ -39,7 +44,14 @@ class Runtime:
             dataverse, ttl=settings.user_cache_ttl, negative_ttl=settings.user_cache_negative_ttl
         )
         attribution = AttributionGuard(dataverse, ttl=settings.user_cache_ttl)
-        return cls(settings, secrets, tokens, dataverse, users, attribution)
+        webhook_keys, message_keys = (
+            KeyRing(secrets, name, refresh_seconds=settings.key_refresh_seconds,
+                    grace_seconds=settings.key_grace_seconds)
+            for name in (settings.webhook_secret_name, settings.message_secret_name)
+        )
+        blobs = BlobStore()  # AzureWebJobsStorage, resolved at first use
+        return cls(settings, secrets, tokens, dataverse, users, attribution, webhook_keys, message_keys,
+                   ReplayGuard(blobs), blobs)
 
     def close(self) -> None:
         self.dataverse.close()

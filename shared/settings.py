@@ -48,6 +48,18 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec(
         "WEBHOOK_SECRET_NAME", "webhook-signing-secret", "Key Vault secret with the webhook signing key"
     ),
+    SettingSpec(
+        "MESSAGE_SIGNING_SECRET_NAME", "queue-message-signing-key",
+        "Key Vault secret the app signs and verifies queue messages with (never given to senders)",
+    ),
+    SettingSpec(
+        "WEBHOOK_KEY_GRACE_SECONDS", "600",
+        "How long a replaced webhook (or message) signing key is still accepted after the new one is read",
+    ),
+    SettingSpec(
+        "WEBHOOK_KEY_REFRESH_SECONDS", "300",
+        "How often an instance re-reads the signing keys from Key Vault (at most one read per period)",
+    ),
     SettingSpec("DATAVERSE_API_VERSION", "v9.2", "Web API version"),
     SettingSpec(
         "SYNC_QUEUE_NAME", "dynamics-sync", "Queue of sync jobs; -deadletter and -poison derive from it"
@@ -198,6 +210,9 @@ class Settings:
     key_vault_url: str
     client_secret_name: str = "dataverse-client-secret"  # noqa: S105 (a Key Vault secret's name)
     webhook_secret_name: str = "webhook-signing-secret"  # noqa: S105
+    message_secret_name: str = "queue-message-signing-key"  # noqa: S105
+    key_grace_seconds: float = 600.0
+    key_refresh_seconds: float = 300.0
     credential: str = "secret"  # one of CREDENTIAL_MODES
     certificate_name: str = "dataverse-certificate"
     api_version: str = "v9.2"
@@ -266,6 +281,11 @@ class Settings:
             key_vault_url=_https_url("KEY_VAULT_URL", value("KEY_VAULT_URL")),
             client_secret_name=value("DATAVERSE_CLIENT_SECRET_NAME"),
             webhook_secret_name=value("WEBHOOK_SECRET_NAME"),
+            message_secret_name=value("MESSAGE_SIGNING_SECRET_NAME"),
+            key_grace_seconds=_positive("WEBHOOK_KEY_GRACE_SECONDS", value("WEBHOOK_KEY_GRACE_SECONDS")),
+            key_refresh_seconds=_positive(
+                "WEBHOOK_KEY_REFRESH_SECONDS", value("WEBHOOK_KEY_REFRESH_SECONDS"), allow_zero=False
+            ),
             credential=credential,
             certificate_name=value("DATAVERSE_CERTIFICATE_NAME"),
             api_version=api_version,

@@ -11,6 +11,12 @@ The checks run in an order chosen for what an unauthenticated caller can learn a
 3. JSON (400 ``invalid_json``), shape, every job (400 ``invalid_job`` naming ``jobs[i].field``), and
    each job's size as the exact text that will be enqueued (413 ``job_too_large``).
 
+4. the replay window (409 ``replayed``; storage unavailable 503 with Retry-After, see
+   ``shared.replay``) — last, so only a body that would be accepted is remembered.
+
+Each message is sealed with the app's own message key (``shared.messages``) so ``sync_job`` can tell
+it came through here.  Signing keys rotate with a grace period (``shared.keyring``).
+
 All or nothing: ``messages`` is empty unless the status is 202.  Duplicate job ids inside one batch
 are refused, because the id is the idempotency key of keyless creates (see ``shared.jobs``).
 """
@@ -22,12 +28,19 @@ import hmac
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.errors import ConfigurationError, InvalidJob, SyncError
 from shared.jobs import MAX_JOB_BYTES, SOURCE, dumps, loads, parse_job, problems_message, text_size
+from shared.messages import sign
+
+if TYPE_CHECKING:
+    from shared.runtime import Runtime
+
+Keys = str | Sequence[str]
+"""A signing-key provider's answer: one key, or every key accepted now (newest first)."""
 
 log = logging.getLogger("shared.webhooks")
 
@@ -45,6 +58,7 @@ class WebhookResult:
     status: int
     body: dict[str, Any]
     messages: list[str] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 def error_body(code: str, message: str, details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -139,17 +153,18 @@ def parse_signature(value: str) -> tuple[int, list[str]] | None:
 def check_signature(
     headers: Mapping[str, str],
     body: bytes,
-    signing_key: Callable[[], str],
+    signing_key: Callable[[], Keys],
     now: float,
-    refresh_key: Callable[[str], str | None] | None = None,
+    refresh_key: Callable[[str], Keys | None] | None = None,
     *,
     source: str,
 ) -> WebhookResult | None:
-    """None when ``source`` + body are signed with the current key within the time window, else the failure.
+    """None when ``source`` + body are signed with an accepted key within the time window, else the failure.
 
-    On a mismatch ``refresh_key(stale)`` may hand back a newer key (the key was rotated in Key Vault
-    since this instance read it); it returns None when it will not re-read, which it must rate-limit
-    because anybody can send a bad signature.
+    ``signing_key()`` gives the current key or every accepted one (a rotated-out key during its grace
+    period).  On a mismatch ``refresh_key(stale)`` may hand back newer keys (rotated in Key Vault since
+    this instance read them); it returns None when it will not re-read, which it must rate-limit because
+    anybody can send a bad signature.
     """
     value = header(headers, SIGNATURE_HEADER)
     if not value:
@@ -168,7 +183,7 @@ def check_signature(
             [{"serverTime": int(now)}],
         )
     try:
-        key = signing_key()
+        keys = _as_list(signing_key())
     except ConfigurationError as exc:
         log.error("webhook signing key: %s", exc)
         return WebhookResult(500, {"error": exc.to_dict()})
@@ -180,15 +195,21 @@ def check_signature(
             f"the webhook signing key could not be read ({exc.code}): {exc.message}",
             [{"cause": exc.code, "transient": exc.transient}],
         )
-    if not key:
+    if not keys or not all(keys):
         log.error("webhook signing key is empty")
         return _fail(503, "signing_key_unavailable", "the webhook signing key is empty")
-    if _matches(key, body, timestamp, signatures, source):
+    if any(_matches(key, body, timestamp, signatures, source) for key in keys):
         return None
-    newer = _refreshed(refresh_key, key)
-    if newer and newer != key and _matches(newer, body, timestamp, signatures, source):
+    newer = [key for key in _as_list(_refreshed(refresh_key, keys[0])) if key and key not in keys]
+    if any(_matches(key, body, timestamp, signatures, source) for key in newer):
         return None
     return _fail(401, "signature_invalid", "the signature does not match t.source.body")
+
+
+def _as_list(keys: Keys | None) -> list[str]:
+    if keys is None:
+        return []
+    return [keys] if isinstance(keys, str) else list(keys)
 
 
 def _matches(key: str, body: bytes, timestamp: int, signatures: list[str], source: str) -> bool:
@@ -199,7 +220,7 @@ def _matches(key: str, body: bytes, timestamp: int, signatures: list[str], sourc
     return matched
 
 
-def _refreshed(refresh_key: Callable[[str], str | None] | None, stale: str) -> str | None:
+def _refreshed(refresh_key: Callable[[str], Keys | None] | None, stale: str) -> Keys | None:
     if refresh_key is None:
         return None
     try:
@@ -224,8 +245,15 @@ def _jobs_of(payload: object) -> tuple[list[object], bool] | WebhookResult:
     return [payload], False
 
 
-def _validate(jobs: list[object], batched: bool, source: str) -> tuple[list[str], list[str]] | WebhookResult:
-    """Every job checked, then stamped with the route's ``source`` (the scope of its idempotency key)."""
+Seal = Callable[[dict[str, Any]], dict[str, Any]]
+"""Turns a stamped job into the queue message (``shared.messages.sign`` with the message key)."""
+
+
+def _validate(
+    jobs: list[object], batched: bool, source: str, seal: Seal | None
+) -> tuple[list[str], list[str]] | WebhookResult:
+    """Every job checked, then stamped with the route's ``source`` (the scope of its idempotency key)
+    and sealed; the size limit applies to the sealed text that is enqueued."""
     details: list[dict[str, Any]] = []
     ids: list[str] = []
     first_index: dict[str, int] = {}
@@ -248,7 +276,8 @@ def _validate(jobs: list[object], batched: bool, source: str) -> tuple[list[str]
     if details:
         return _fail(400, "invalid_job", problems_message(details), details)
 
-    messages = [dumps({**obj, "source": source}) for obj in jobs if isinstance(obj, dict)]
+    stamped = [{**obj, "source": source} for obj in jobs if isinstance(obj, dict)]
+    messages = [dumps(seal(job) if seal is not None else job) for job in stamped]
     too_large = [
         {"field": f"jobs[{i}]" if batched else "job", "message": f"{text_size(m)} bytes > {MAX_JOB_BYTES}"}
         for i, m in enumerate(messages)
@@ -263,12 +292,18 @@ def handle_webhook(
     source: str,
     headers: Mapping[str, str],
     body: bytes,
-    signing_key: Callable[[], str],
+    signing_key: Callable[[], Keys],
     *,
     now: float | None = None,
-    refresh_key: Callable[[str], str | None] | None = None,
+    refresh_key: Callable[[str], Keys | None] | None = None,
+    seal: Seal | None = None,
+    first_use: Callable[[int, str, bytes], bool] | None = None,
 ) -> WebhookResult:
-    """``POST /api/webhooks/{source}``: 202 with one queue message per job, or an error and nothing."""
+    """``POST /api/webhooks/{source}``: 202 with one queue message per job, or an error and nothing.
+
+    ``seal`` signs each message for the queue (None: unsigned, for tests of the checks alone);
+    ``first_use(t, source, body)`` is the replay window (None: no replay check).
+    """
     if SOURCE.fullmatch(source or "") is None:
         return _fail(400, "invalid_source", "{source} in the URL must be 1-64 of A-Z a-z 0-9 . _ -")
     declared = declared_too_large(headers)
@@ -279,9 +314,8 @@ def handle_webhook(
     if not _is_json(header(headers, "Content-Type")):
         return _fail(415, "unsupported_media_type", "Content-Type must be application/json (UTF-8)")
 
-    failure = check_signature(
-        headers, body, signing_key, time.time() if now is None else now, refresh_key, source=source
-    )
+    clock = time.time() if now is None else now
+    failure = check_signature(headers, body, signing_key, clock, refresh_key, source=source)
     if failure is not None:
         log.warning("source=%s webhook refused status=%d code=%s", source, failure.status,
                     failure.body["error"]["code"])
@@ -297,12 +331,69 @@ def handle_webhook(
     if isinstance(shaped, WebhookResult):
         return shaped
     jobs, batched = shaped
-    checked = _validate(jobs, batched, source)
+    try:
+        checked = _validate(jobs, batched, source, seal)
+    except ConfigurationError as exc:
+        log.error("queue message signing key: %s", exc)
+        return WebhookResult(500, {"error": exc.to_dict()})
+    except SyncError as exc:
+        log.error("queue message signing key unavailable: %s", exc)
+        return _fail(503, "signing_key_unavailable",
+                     f"the queue message signing key could not be read ({exc.code}): {exc.message}",
+                     [{"cause": exc.code, "transient": exc.transient}])
     if isinstance(checked, WebhookResult):
         log.warning("source=%s webhook refused status=%d code=%s", source, checked.status,
                     checked.body["error"]["code"])
         return checked
     ids, messages = checked
+    if first_use is not None:
+        replayed = _replayed(first_use, headers, source, body)
+        if replayed is not None:
+            return replayed
     for job_id in ids:
         log.info("source=%s job=%s accepted", source, job_id)
     return WebhookResult(202, {"accepted": len(ids), "ids": ids}, messages)
+
+
+def _replayed(
+    first_use: Callable[[int, str, bytes], bool], headers: Mapping[str, str], source: str, body: bytes
+) -> WebhookResult | None:
+    """409 when this signed body was accepted before (within the window), 503 when that is unknowable."""
+    parsed = parse_signature(header(headers, SIGNATURE_HEADER) or "")
+    assert parsed is not None  # the signature was checked already
+    timestamp = parsed[0]
+    try:
+        first = first_use(timestamp, source, body)
+    except ConfigurationError as exc:
+        log.error("webhook replay window: %s", exc)
+        return WebhookResult(500, {"error": exc.to_dict()})
+    except SyncError as exc:
+        log.error("source=%s webhook refused status=503 code=%s", source, exc.code)
+        return WebhookResult(503, {"error": exc.to_dict()}, headers={"Retry-After": "5"})
+    if first:
+        return None
+    log.warning("source=%s webhook refused status=409 code=replayed", source)
+    return _fail(409, "replayed",
+                 "this signed body was accepted before; a new request needs a new signature (new t)",
+                 [{"t": timestamp}])
+
+
+def receive_webhook(
+    source: str, headers: Mapping[str, str], body: bytes, runtime: Callable[[], Runtime],
+    *, now: float | None = None,
+) -> WebhookResult:
+    """``handle_webhook`` wired to the instance: rotating webhook keys, message sealing, replay window.
+
+    ``runtime`` is called only once a check needs it, so a request refused for free (size, type,
+    missing signature) costs no Key Vault read and needs no settings.
+    """
+    return handle_webhook(
+        source,
+        headers,
+        body,
+        lambda: runtime().webhook_keys.keys(),
+        now=now,
+        refresh_key=lambda stale: runtime().webhook_keys.reread(),
+        seal=lambda job: sign(job, source, runtime().message_keys.current(), now=now),
+        first_use=lambda t, src, data: runtime().replay.first_use(t, src, data),
+    )

@@ -47,6 +47,15 @@ param dataverseCredential string
 @description('DATAVERSE_CERTIFICATE_NAME: Key Vault certificate for the certificate credential.')
 param dataverseCertificateName string
 param webhookSecretName string
+
+@description('MESSAGE_SIGNING_SECRET_NAME: Key Vault secret the app signs queue messages with.')
+param messageSigningSecretName string
+
+@description('WEBHOOK_KEY_GRACE_SECONDS: grace period of a replaced signing key.')
+param webhookKeyGraceSeconds string
+
+@description('WEBHOOK_KEY_REFRESH_SECONDS: how often the signing keys are re-read.')
+param webhookKeyRefreshSeconds string
 param dataverseApiVersion string
 param syncQueueName string
 param reconcileSchedule string
@@ -139,6 +148,18 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
         {
           name: 'WEBHOOK_SECRET_NAME'
           value: webhookSecretName
+        }
+        {
+          name: 'MESSAGE_SIGNING_SECRET_NAME'
+          value: messageSigningSecretName
+        }
+        {
+          name: 'WEBHOOK_KEY_GRACE_SECONDS'
+          value: webhookKeyGraceSeconds
+        }
+        {
+          name: 'WEBHOOK_KEY_REFRESH_SECONDS'
+          value: webhookKeyRefreshSeconds
         }
         {
           name: 'DATAVERSE_API_VERSION'

@@ -41,6 +41,13 @@ param dataverseCredential string = 'secret'
 @description('Webhook signing key; written only when not empty.')
 param webhookSigningSecret string = ''
 
+@description('Name of the secret the app signs queue messages with (MESSAGE_SIGNING_SECRET_NAME).')
+param messageSecretName string
+
+@secure()
+@description('Queue message signing key; written only when not empty. Only the app (and operators) read it.')
+param messageSigningSecret string = ''
+
 @description('Log Analytics workspace that receives the vault audit log.')
 param workspaceId string
 
@@ -100,6 +107,20 @@ resource webhookSecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = if (!emp
   //checkov:skip=CKV_AZURE_41: a shared signing key rotated together with its senders; an expiry date here would not revoke it anywhere
   properties: {
     value: webhookSigningSecret
+    contentType: 'text/plain'
+    attributes: {
+      enabled: true
+    }
+  }
+}
+
+resource messageSecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = if (!empty(messageSigningSecret)) {
+  parent: vault
+  name: messageSecretName
+  //checkov:skip=CKV_AZURE_114: contentType is set below; checkov does not read the properties of a conditional (if) resource
+  //checkov:skip=CKV_AZURE_41: the app's own HMAC key, rotated with a grace period (WEBHOOK_KEY_GRACE_SECONDS); an expiry date would stop every sync job at once
+  properties: {
+    value: messageSigningSecret
     contentType: 'text/plain'
     attributes: {
       enabled: true

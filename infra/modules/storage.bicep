@@ -156,6 +156,41 @@ resource appContainers 'Microsoft.Storage/storageAccounts/blobServices/container
   }
 }]
 
+// The webhook's replay window (webhook-replay, shared/replay.py): one empty blob per accepted signed body,
+// <t>/<digest>. A replay blob matters for 300 s (the signature's window); delete it after a day.
+resource lifecycle 'Microsoft.Storage/storageAccounts/managementPolicies@2023-05-01' = {
+  parent: storage
+  name: 'default'
+  properties: {
+    policy: {
+      rules: [
+        {
+          name: 'expire-webhook-replay'
+          enabled: true
+          type: 'Lifecycle'
+          definition: {
+            filters: {
+              blobTypes: [
+                'blockBlob'
+              ]
+              prefixMatch: [
+                'webhook-replay/'
+              ]
+            }
+            actions: {
+              baseBlob: {
+                delete: {
+                  daysAfterModificationGreaterThan: 1
+                }
+              }
+            }
+          }
+        }
+      ]
+    }
+  }
+}
+
 resource queueService 'Microsoft.Storage/storageAccounts/queueServices@2023-05-01' = {
   parent: storage
   name: 'default'

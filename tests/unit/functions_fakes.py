@@ -14,8 +14,10 @@ from typing import Any
 
 from shared.dataverse import Caller, WriteResult
 from shared.errors import ActorError, SyncError
+from shared.keyring import KeyRing
 from shared.settings import Settings
 from shared.users import SystemUser
+from tests.signing import UNIT_MESSAGE_KEY
 
 TENANT = "00000000-0000-4000-8000-00000000d5ac"
 CLIENT = "00000000-0000-4000-8000-00000000c11e"
@@ -256,6 +258,7 @@ class FakeSecrets:
             or {
                 "dataverse-client-secret": "client-SECRET-value-123",
                 "webhook-signing-secret": "webhook-KEY-value-456",
+                "queue-message-signing-key": UNIT_MESSAGE_KEY,
             }
         )
         self.fail = dict(fail or {})
@@ -268,6 +271,9 @@ class FakeSecrets:
         return self.values[name]
 
     def refresh_if_due(self, name: str, stale: str, *, min_interval: float = 60.0) -> str | None:
+        return self.get(name)
+
+    def refresh(self, name: str, stale: str | None = None) -> str:
         return self.get(name)
 
     def close(self) -> None:
@@ -315,7 +321,41 @@ class FakeRuntime:
     dataverse: Any = field(default_factory=FakeDataverse)
     users: Any = field(default_factory=FakeUsers)
     attribution: Any = field(default_factory=FakeAttribution)
+    replay: Any = field(default_factory=lambda: FakeReplay())
     closed: bool = False
+    _rings: dict[tuple[int, str], KeyRing] = field(default_factory=dict)
+
+    def _ring(self, name: str) -> KeyRing:
+        """A real KeyRing over whatever ``secrets`` is now (tests swap it for a failing one)."""
+        key = (id(self.secrets), name)
+        if key not in self._rings:
+            self._rings[key] = KeyRing(self.secrets, name)
+        return self._rings[key]
+
+    @property
+    def webhook_keys(self) -> KeyRing:
+        return self._ring(self.settings.webhook_secret_name)
+
+    @property
+    def message_keys(self) -> KeyRing:
+        return self._ring(self.settings.message_secret_name)
 
     def close(self) -> None:
         self.closed = True
+
+
+@dataclass
+class FakeReplay:
+    """The replay window in memory: ``first_use`` is True once per (t, source, body)."""
+
+    seen: set[tuple[int, str, bytes]] = field(default_factory=set)
+    fail: SyncError | None = None
+
+    def first_use(self, timestamp: int, source: str, body: bytes) -> bool:
+        if self.fail is not None:
+            raise self.fail
+        key = (timestamp, source, body)
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True

@@ -18,9 +18,11 @@ from azure.functions.timer import TimerRequest
 import function_app
 import shared
 from shared.errors import AuthError, DataverseError
+from shared.messages import strip, verify
 from shared.settings import SETTINGS
 from shared.webhooks import signature_header
 from tests.bindings import Out
+from tests.signing import UNIT_MESSAGE_KEY, signed_text
 from tests.unit.functions_fakes import DISABLED, JANE, FakeDataverse, FakeRuntime, FakeSecrets, FakeUsers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -248,8 +250,10 @@ def test_webhook_202_enqueues_one_message_per_job(runtime: FakeRuntime) -> None:
     response = function_app.webhook(webhook_request({"jobs": jobs}), out)
     assert response.status_code == 202
     assert body_of(response) == {"accepted": 3, "ids": ["evt-0", "evt-1", "evt-2"]}
-    assert [json.loads(m) for m in out.value] == [{**j, "source": "crm"} for j in jobs]
-    assert runtime.secrets.reads == ["webhook-signing-secret"]
+    messages = [json.loads(m) for m in out.value]
+    assert [strip(m) for m in messages] == [{**j, "source": "crm"} for j in jobs]
+    assert all(verify(m, [UNIT_MESSAGE_KEY]) and m["_auth"]["source"] == "crm" for m in messages)
+    assert runtime.secrets.reads == ["webhook-signing-secret", "queue-message-signing-key"]
 
 
 @pytest.mark.parametrize(
@@ -297,7 +301,7 @@ def test_unexpected_error_is_500_without_a_traceback(
     def boom(*_: Any, **__: Any) -> Any:
         raise RuntimeError("internal detail")
 
-    monkeypatch.setattr(function_app, "handle_webhook", boom)
+    monkeypatch.setattr(function_app, "receive_webhook", boom)
     with caplog.at_level(logging.ERROR, logger="function_app"):
         response = function_app.webhook(webhook_request(job()), Out())
     assert response.status_code == 500
@@ -423,8 +427,11 @@ def test_diagnostics_without_settings_reports_the_missing_one(no_settings: Any) 
 
 
 def message(payload: object) -> QueueMessage:
-    """What the worker passes: azure.functions.queue.QueueMessage (func.QueueMessage has no dequeue count)."""
-    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    """What the worker passes: azure.functions.queue.QueueMessage (func.QueueMessage has no dequeue count).
+
+    A job (dict) is signed as the webhook would sign it; bytes are sent as they are.
+    """
+    body = payload if isinstance(payload, bytes) else signed_text(payload).encode()  # type: ignore[arg-type]
     return QueueMessage(id="m1", body=body, dequeue_count=1)
 
 
@@ -467,8 +474,8 @@ def test_sync_job_dead_letters_permanent_failures(
     assert out.was_set
     (record,) = [json.loads(text) for text in out.value]
     assert record["reason"] == reason and set(record) == {"job", "reason", "detail", "failedAt"}
-    expected_job = payload.decode() if isinstance(payload, bytes) else payload
-    assert record["job"] == expected_job
+    expected_job = payload.decode() if isinstance(payload, bytes) else json.loads(message(payload).get_body())
+    assert record["job"] == expected_job  # the message as it came, _auth included: a replay still verifies
 
 
 @pytest.mark.parametrize(

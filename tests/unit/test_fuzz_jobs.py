@@ -19,6 +19,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from shared import jobs
+from shared.keyring import KeyRing
+from shared.messages import strip
+from tests.signing import signed_text
+from tests.unit.functions_fakes import FakeSecrets
 from shared.errors import InvalidJob
 from shared.jobs import (
     ACT_AS_FIELDS,
@@ -37,6 +41,7 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 PARSE_CODES = {"invalid_json", "invalid_job", "job_too_large"}
+DEAD_LETTER_CODES = PARSE_CODES | {"unauthenticated_message"}
 
 # --- strategies (shared with the webhook fuzz) ------------------------------------------------------
 
@@ -259,25 +264,54 @@ def test_act_as_accepts_exactly_one_documented_form(value: Any) -> None:
 
 
 class _Reached(Exception):
-    """Raised by the runtime factory: the message was valid and processing went on to the write."""
+    """Raised by the runtime: the message was valid and processing went on to the write."""
+
+
+class _KeysOnly:
+    """A runtime with only the message keys: anything else it is asked for means the job got through."""
+
+    def __init__(self) -> None:
+        self.message_keys = KeyRing(FakeSecrets(), "queue-message-signing-key")
+
+    def __getattr__(self, name: str) -> Any:
+        raise _Reached
+
+
+_KEYS_ONLY = _KeysOnly()
 
 
 def _runtime() -> Any:
-    raise _Reached
+    return _KEYS_ONLY
+
+
+def _signed(body: str | bytes) -> str | bytes:
+    """A JSON object is signed as the webhook would (so the schema is what is fuzzed); anything else,
+    or an object signing refuses (a foreign ``source``), goes as it is and must be refused."""
+    try:
+        value = jobs.loads((body.decode("utf-8") if isinstance(body, bytes) else body).removeprefix("\ufeff"))
+    except ValueError:
+        return body
+    if not isinstance(value, dict) or "_auth" in value:
+        return body
+    try:
+        return signed_text(value)
+    except (ValueError, TypeError):
+        return body
 
 
 @FUZZ
 @given(any_messages)
 def test_process_message_dead_letters_every_invalid_message(body: str | bytes) -> None:
+    body = _signed(body)
     try:
         outcome = process_message(body, _runtime)
     except _Reached:
-        parse_message(body)  # only a valid job goes on to the runtime
+        parse_job(strip(jobs.loads(body if isinstance(body, str) else body.decode())))  # only a valid job
         return
     assert outcome.result is None
     record = outcome.dead_letter
     assert record is not None and set(record) == {"job", "reason", "detail", "failedAt"}
-    assert record["reason"] in PARSE_CODES and record["detail"]
+    assert record["reason"] in DEAD_LETTER_CODES and record["detail"]
     text = jobs.dumps(record)  # strict JSON that fits on a queue
     assert jobs.text_size(text) <= MAX_JOB_BYTES
     decoded = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body

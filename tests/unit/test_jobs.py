@@ -24,6 +24,8 @@ from shared.errors import (
     SyncError,
 )
 from shared.jobs import MAX_JOB_BYTES, deterministic_id, parse_job, parse_message, process_message, run_job
+from shared.messages import strip
+from tests.signing import SOURCE, signed_text
 from tests.unit.functions_fakes import DISABLED, JANE, JOHN, FakeDataverse, FakeRuntime
 
 GUID = "5f2b3c1e-1111-4222-8333-944455556666"
@@ -340,7 +342,7 @@ def test_create_with_a_key_uses_that_key() -> None:
 
 def test_replayed_keyless_create_writes_once() -> None:
     runtime = FakeRuntime()
-    body = json.dumps(job(operation="create", key=...))
+    body = signed_text(job(operation="create", key=...))
     first = process_message(body, lambda: runtime)  # type: ignore[arg-type, return-value]
     second = process_message(body, lambda: runtime)  # type: ignore[arg-type, return-value]
     assert first.result is not None and not first.result.noop
@@ -362,7 +364,7 @@ def process(body: str | bytes, runtime: FakeRuntime) -> jobs.JobOutcome:
 
 
 def test_success_outcome() -> None:
-    outcome = process(json.dumps(job()), FakeRuntime())
+    outcome = process(signed_text(job()), FakeRuntime())
     assert outcome.job_id == "crm-evt-000123" and outcome.dead_letter is None
     assert outcome.result is not None and outcome.result.operation == "upsert"
 
@@ -378,15 +380,16 @@ def test_invalid_json_dead_letters_the_raw_text() -> None:
 
 def test_invalid_job_dead_letters_the_original_object() -> None:
     raw = job(actAs={"email": "nope"})
-    outcome = process(json.dumps(raw), FakeRuntime())
+    outcome = process(signed_text(raw), FakeRuntime())
     assert outcome.dead_letter is not None
-    assert outcome.dead_letter["job"] == raw and outcome.dead_letter["reason"] == "invalid_job"
+    assert strip(outcome.dead_letter["job"]) == {**raw, "source": SOURCE}
+    assert outcome.dead_letter["reason"] == "invalid_job"
     assert "actAs.email" in outcome.dead_letter["detail"]
     assert outcome.job_id == "crm-evt-000123"
 
 
 def test_dead_letter_record_shape() -> None:
-    outcome = process(json.dumps(job(actAs={"email": DISABLED.email})), FakeRuntime())
+    outcome = process(signed_text(job(actAs={"email": DISABLED.email})), FakeRuntime())
     record = outcome.dead_letter
     assert record is not None and set(record) == {"job", "reason", "detail", "failedAt"}
     assert record["reason"] == "actor_disabled"
@@ -404,7 +407,7 @@ def test_dead_letter_record_shape() -> None:
 )
 def test_actor_failures_are_dead_lettered(act_as: dict[str, str], reason: str) -> None:
     runtime = FakeRuntime()
-    outcome = process(json.dumps(job(actAs=act_as)), runtime)
+    outcome = process(signed_text(job(actAs=act_as)), runtime)
     assert outcome.dead_letter is not None and outcome.dead_letter["reason"] == reason
     assert runtime.dataverse.calls == []
 
@@ -427,9 +430,11 @@ def test_actor_failures_are_dead_lettered(act_as: dict[str, str], reason: str) -
 )
 def test_permanent_dataverse_failures_are_dead_lettered(error: SyncError, reason: str) -> None:
     runtime = FakeRuntime(dataverse=FakeDataverse(fail=error))
-    outcome = process(json.dumps(job()), runtime)
+    outcome = process(signed_text(job()), runtime)
     assert outcome.dead_letter is not None
-    assert outcome.dead_letter["reason"] == reason and outcome.dead_letter["job"] == job()
+    assert outcome.dead_letter["reason"] == reason
+    assert strip(outcome.dead_letter["job"]) == {**job(), "source": SOURCE}
+    assert "_auth" in outcome.dead_letter["job"]  # kept, so a replay from -deadletter still verifies
 
 
 @pytest.mark.parametrize(
@@ -444,7 +449,7 @@ def test_permanent_dataverse_failures_are_dead_lettered(error: SyncError, reason
 def test_transient_failures_raise(error: SyncError) -> None:
     runtime = FakeRuntime(dataverse=FakeDataverse(fail=error))
     with pytest.raises(SyncError) as caught:
-        process(json.dumps(job()), runtime)
+        process(signed_text(job()), runtime)
     assert caught.value is error
 
 
@@ -459,7 +464,7 @@ def test_transient_failures_raise(error: SyncError) -> None:
 def test_environment_faults_raise_rather_than_dead_letter(error: SyncError) -> None:
     runtime = FakeRuntime(dataverse=FakeDataverse(fail=error))
     with pytest.raises(SyncError):
-        process(json.dumps(job()), runtime)
+        process(signed_text(job()), runtime)
 
 
 def test_missing_setting_raises() -> None:
@@ -467,7 +472,7 @@ def test_missing_setting_raises() -> None:
         raise ConfigurationError("DATAVERSE_URL", "is required", code="setting_missing")
 
     with pytest.raises(ConfigurationError):
-        process_message(json.dumps(job()), broken)  # type: ignore[arg-type]
+        process_message(signed_text(job()), broken)  # type: ignore[arg-type]
 
 
 def test_the_caller_hands_in_the_runtime_and_a_bad_message_never_builds_it() -> None:
@@ -489,7 +494,7 @@ def test_the_caller_hands_in_the_runtime_and_a_bad_message_never_builds_it() -> 
 def test_unexpected_exception_raises_and_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     runtime = FakeRuntime(dataverse=FakeDataverse(fail=RuntimeError("bug")))
     with caplog.at_level(logging.INFO, logger="shared.jobs"), pytest.raises(RuntimeError):
-        process(json.dumps(job()), runtime)
+        process(signed_text(job()), runtime)
     assert any("unexpected_error" in r.getMessage() for r in caplog.records)
     assert "RuntimeError: bug" in caplog.text  # with its trace
 
@@ -504,8 +509,8 @@ def test_oversized_dead_letter_record_raises_instead_of_truncating() -> None:
 def test_logs_carry_the_job_id_and_no_data_values(caplog: pytest.LogCaptureFixture) -> None:
     raw = job(data={"firstname": "TopSecretValue"}, key={"emailaddress1": "ada@example.com"})
     with caplog.at_level(logging.DEBUG, logger="shared.jobs"):
-        process(json.dumps(raw), FakeRuntime())
-        process(json.dumps(job(actAs={"email": DISABLED.email})), FakeRuntime())
+        process(signed_text(raw), FakeRuntime())
+        process(signed_text(job(actAs={"email": DISABLED.email})), FakeRuntime())
     lines = [r.getMessage() for r in caplog.records if r.name == "shared.jobs"]
     assert lines and all("job=crm-evt-000123" in line for line in lines)
     text = "\n".join(lines)
@@ -591,7 +596,7 @@ def test_an_invalid_source_is_an_invalid_job(value: object) -> None:
 def test_two_sources_same_job_id_write_two_records() -> None:
     runtime = FakeRuntime()
     for source in ("crm", "erp", "crm"):
-        outcome = process(json.dumps(_keyless(source=source)), runtime)
+        outcome = process(signed_text(_keyless(source=source)), runtime)
         assert outcome.dead_letter is None
     keys = [str(call.key) for call in runtime.dataverse.calls]
     assert len(keys) == 3
