@@ -27,7 +27,7 @@ UNIT_MESSAGE_KEY = "unit-message-KEY-value-789"
 def sign_job(
     job: Mapping[str, Any], key: str, *, source: str | None = None, now: float | None = None
 ) -> dict[str, Any]:
-    """The message (a dict) for ``job``: ``source`` (default: the job's own, else SOURCE) stamped, ``_auth`` added."""
+    """The message for ``job``: ``_auth`` added, ``source`` stamped (default: its own, else SOURCE)."""
     return sign(job, source or str(job.get("source") or SOURCE), key, now=now)
 
 

@@ -19,10 +19,6 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from shared import jobs
-from shared.keyring import KeyRing
-from shared.messages import strip
-from tests.signing import signed_text
-from tests.unit.functions_fakes import FakeSecrets
 from shared.errors import InvalidJob
 from shared.jobs import (
     ACT_AS_FIELDS,
@@ -35,6 +31,10 @@ from shared.jobs import (
     parse_message,
     process_message,
 )
+from shared.keyring import KeyRing
+from shared.messages import strip
+from tests.signing import signed_text
+from tests.unit.functions_fakes import FakeSecrets
 
 FUZZ = settings(
     max_examples=300, deadline=None, derandomize=True, database=None,
