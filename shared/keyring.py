@@ -50,18 +50,17 @@ class KeyRing:
         refresh_seconds: float = 300.0,
         grace_seconds: float = 600.0,
         min_reread_seconds: float = 60.0,
+        settle_seconds: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
-        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._secrets = secrets
         self.name = name
         self.refresh_seconds = refresh_seconds
         self.grace_seconds = grace_seconds
         self.min_reread_seconds = min_reread_seconds
+        self.settle_seconds = settle_seconds
         self._clock = clock
-        self._wall_clock = wall_clock
-        self.read_at = 0.0
-        """Unix time of the last successful read (0: none yet)."""
+        self._known_since: dict[str, float] = {}
         self._lock = threading.Lock()
         self._flight: SingleFlight[None] = SingleFlight()
         self._current: str | None = None
@@ -75,8 +74,22 @@ class KeyRing:
         return store  # type: ignore[return-value]
 
     def current(self) -> str:
-        """The value to sign with (the newest one read)."""
+        """The newest value read."""
         return self.keys()[0]
+
+    def signing_key(self) -> str:
+        """The value to sign with: the newest one once it has been known for ``settle_seconds``.
+
+        For a key the app both signs and verifies with (the queue message key): an instance that has
+        just read a new value keeps signing with the previous one until every other instance has read
+        the new one too (each re-reads within ``refresh_seconds``), so no verifier meets a key it does
+        not know yet.  With ``settle_seconds`` 0 it is simply the newest.
+        """
+        accepted = self.keys()
+        with self._lock:
+            since = self._known_since.get(accepted[0])
+            settled = since is None or self._clock() - since >= self.settle_seconds
+        return accepted[0] if settled or len(accepted) == 1 else accepted[1]
 
     def keys(self) -> list[str]:
         """Values that verify now, newest first; re-reads Key Vault when the period is over."""
@@ -133,11 +146,11 @@ class KeyRing:
 
     def _install(self, value: str) -> None:
         with self._lock:
-            self.read_at = self._wall_clock()
             now = self._clock()
             old = self._current
             if old == value:
                 return
+            self._known_since[value] = now
             if old is not None:
                 self._retired[old] = now + self.grace_seconds
                 log.info("secret %s changed; the previous value is accepted for %.0f s more",
@@ -151,6 +164,7 @@ class KeyRing:
             for value, until in list(self._retired.items()):
                 if until <= now:
                     del self._retired[value]
+                    self._known_since.pop(value, None)
                     log.info("secret %s: a previous value's grace period ended; it is refused now", self.name)
             assert self._current is not None
             newest_first = sorted(self._retired, key=lambda v: self._retired[v], reverse=True)

@@ -115,37 +115,24 @@ def refused_signature() -> UnauthenticatedMessage:
 
 
 class _Ring(Protocol):
-    read_at: float
-
     def keys(self) -> list[str]: ...
 
     def reread(self) -> list[str] | None: ...
 
 
-_SKEW_SECONDS = 60
-
-
 def authenticate(message: object, ring: _Ring) -> dict[str, Any]:
     """The job of a verified message (``_auth`` removed), else UnauthenticatedMessage.
 
-    A mismatch re-reads the key (rate limited).  When the re-read is refused by the rate limit and the
-    message was signed after this instance last read the key, it may carry a key rotated in since then:
-    that raises a *transient* error (the host redelivers it later, when a re-read is allowed) instead of
-    dead-lettering a good message.  A forgery with a fake recent ``t`` gains a few redeliveries, then is
-    dead-lettered like any other.
+    Every key the ring accepts is tried (a replaced key during its grace period); a mismatch re-reads
+    Key Vault once (rate limited) in case the key was rotated since.  Signers switch to a new key only
+    once every instance has read it (``KeyRing.signing_key``), so a good message is not refused for
+    carrying a key this instance has not read yet.
     """
-    _, timestamp, _ = auth_of(message)
+    auth_of(message)
     assert isinstance(message, dict)
     if verify(message, ring.keys()):
         return strip(message)
     newer = ring.reread()
     if newer is not None and verify(message, newer):
         return strip(message)
-    if newer is None and timestamp >= ring.read_at - _SKEW_SECONDS:
-        raise UnauthenticatedMessage(
-            "the message signature does not match the key this instance holds, and it was signed after the "
-            "key was last read: retrying once the key may be re-read",
-            code="message_key_not_current",
-            transient=True,
-        )
     raise refused_signature()

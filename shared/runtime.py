@@ -44,11 +44,12 @@ class Runtime:
             dataverse, ttl=settings.user_cache_ttl, negative_ttl=settings.user_cache_negative_ttl
         )
         attribution = AttributionGuard(dataverse, ttl=settings.user_cache_ttl)
-        webhook_keys, message_keys = (
-            KeyRing(secrets, name, refresh_seconds=settings.key_refresh_seconds,
-                    grace_seconds=settings.key_grace_seconds)
-            for name in (settings.webhook_secret_name, settings.message_secret_name)
-        )
+        refresh, grace = settings.key_refresh_seconds, settings.key_grace_seconds
+        webhook_keys = KeyRing(secrets, settings.webhook_secret_name, refresh_seconds=refresh, grace_seconds=grace)
+        # The app signs with the message key too: a new value is used only once every instance has read
+        # it (settle = refresh), and the old one is kept longer by the same margin (shared/keyring.py).
+        message_keys = KeyRing(secrets, settings.message_secret_name, refresh_seconds=refresh,
+                               grace_seconds=grace + 2 * refresh, settle_seconds=refresh)
         blobs = BlobStore()  # AzureWebJobsStorage, resolved at first use
         return cls(settings, secrets, tokens, dataverse, users, attribution, webhook_keys, message_keys,
                    ReplayGuard(blobs), blobs)

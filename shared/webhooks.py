@@ -394,6 +394,6 @@ def receive_webhook(
         lambda: runtime().webhook_keys.keys(),
         now=now,
         refresh_key=lambda stale: runtime().webhook_keys.reread(),
-        seal=lambda job: sign(job, source, runtime().message_keys.current(), now=now),
+        seal=lambda job: sign(job, source, runtime().message_keys.signing_key(), now=now),
         first_use=lambda t, src, data: runtime().replay.first_use(t, src, data),
     )

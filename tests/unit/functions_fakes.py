@@ -108,6 +108,7 @@ class Call:
     data: Any
     caller: Caller | None
     correlation_id: str | None
+    if_match: str | None = None
 
 
 @dataclass
@@ -126,9 +127,10 @@ class FakeDataverse:
     request_answer: dict[str, Any] | SyncError | None = None
 
     def _record(
-        self, operation: str, entity: str, key: Any, data: Any, caller: Caller | None, cid: str | None
+        self, operation: str, entity: str, key: Any, data: Any, caller: Caller | None, cid: str | None,
+        if_match: str | None = None,
     ) -> None:
-        self.calls.append(Call(operation, entity, key, data, caller, cid))
+        self.calls.append(Call(operation, entity, key, data, caller, cid, if_match))
         if self.fail is not None:
             error, self.fail = self.fail, None
             raise error
@@ -179,8 +181,9 @@ class FakeDataverse:
         *,
         caller: Caller | None = None,
         correlation_id: str | None = None,
+        if_match: str | None = None,
     ) -> WriteResult:
-        self._record("update", entity, key, data, caller, correlation_id)
+        self._record("update", entity, key, data, caller, correlation_id, if_match)
         self.records.setdefault((entity, self._k(key)), {}).update(data)
         return self._result("update", entity, key, 204, created=None, noop=False, caller=caller)
 
@@ -192,8 +195,9 @@ class FakeDataverse:
         *,
         caller: Caller | None = None,
         correlation_id: str | None = None,
+        if_match: str | None = None,
     ) -> WriteResult:
-        self._record("upsert", entity, key, data, caller, correlation_id)
+        self._record("upsert", entity, key, data, caller, correlation_id, if_match)
         created = (entity, self._k(key)) not in self.records
         self.records.setdefault((entity, self._k(key)), {}).update(data)
         return self._result(
@@ -201,9 +205,10 @@ class FakeDataverse:
         )
 
     def delete(
-        self, entity: str, key: Any, *, caller: Caller | None = None, correlation_id: str | None = None
+        self, entity: str, key: Any, *, caller: Caller | None = None, correlation_id: str | None = None,
+        if_match: str | None = None,
     ) -> WriteResult:
-        self._record("delete", entity, key, None, caller, correlation_id)
+        self._record("delete", entity, key, None, caller, correlation_id, if_match)
         gone = self.records.pop((entity, self._k(key)), None) is None
         return WriteResult(
             "delete", entity, key if isinstance(key, str) else None, 404 if gone else 204, None, gone, None

@@ -582,3 +582,70 @@ def test_webhook_refuses_a_body_signed_for_another_source(runtime: FakeRuntime) 
     assert response.status_code == 401
     assert body_of(response)["error"]["code"] == "signature_invalid"
     assert not out.was_set
+
+
+# --- replay window, sealed messages, ifMatch -------------------------------------------------------
+
+
+def test_webhook_replay_is_409_and_enqueues_nothing(runtime: FakeRuntime) -> None:
+    request = webhook_request(job())
+    first, second = Out(), Out()
+    assert function_app.webhook(request, first).status_code == 202 and first.was_set
+    response = function_app.webhook(request, second)  # the very same signed bytes again
+    assert response.status_code == 409
+    assert body_of(response)["error"]["code"] == "replayed" and not second.was_set
+
+
+def test_webhook_refused_body_is_not_remembered(runtime: FakeRuntime) -> None:
+    """Only an accepted body enters the window: fixing nothing and resending an invalid one is still 400."""
+    request = webhook_request(job(operation="merge"))
+    assert function_app.webhook(request, Out()).status_code == 400
+    assert function_app.webhook(request, Out()).status_code == 400
+    assert runtime.replay.seen == set()
+
+
+def test_webhook_replay_store_down_is_503_with_retry_after(runtime: FakeRuntime) -> None:
+    from shared.errors import ReplayStoreUnavailable
+
+    runtime.replay.fail = ReplayStoreUnavailable("blob down")
+    out = Out()
+    response = function_app.webhook(webhook_request(job()), out)
+    assert response.status_code == 503 and response.headers.get("Retry-After") == "5"
+    assert body_of(response)["error"]["code"] == "replay_store_unavailable" and not out.was_set
+
+
+def test_webhook_message_key_unavailable_is_503_and_enqueues_nothing(runtime: FakeRuntime) -> None:
+    runtime.secrets = FakeSecrets(
+        values={"webhook-signing-secret": KEY},
+        fail={"queue-message-signing-key": AuthError("kv", code="keyvault_forbidden")},
+    )
+    out = Out()
+    response = function_app.webhook(webhook_request(job()), out)
+    assert response.status_code == 503 and not out.was_set
+    assert body_of(response)["error"]["code"] == "signing_key_unavailable"
+    assert runtime.replay.seen == set()  # a retry of the same request is not taken for a replay
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        job(),  # unsigned
+        {**job(), "_auth": {"source": "crm", "t": 1, "sig": "0" * 64}},  # forged
+    ],
+    ids=["unsigned", "forged"],
+)
+def test_sync_job_dead_letters_unauthenticated_messages(runtime: FakeRuntime, payload: dict[str, Any]) -> None:
+    out = Out()
+    function_app.sync_job(QueueMessage(id="m", body=json.dumps(payload).encode(), dequeue_count=1), out)
+    record = json.loads(out.value)
+    assert record["reason"] == "unauthenticated_message" and record["job"] == payload
+    assert runtime.dataverse.calls == [] and runtime.attribution.verified == []
+
+
+def test_sync_job_sends_if_match(runtime: FakeRuntime) -> None:
+    out = Out()
+    guid = "5f2b3c1e-1111-4222-8333-944455556666"
+    function_app.sync_job(message(job(operation="update", key=guid, ifMatch='W/"42"')), out)
+    assert not out.was_set
+    (call,) = runtime.dataverse.calls
+    assert call.if_match == 'W/"42"'

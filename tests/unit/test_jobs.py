@@ -613,3 +613,46 @@ def test_one_set_of_guid_and_email_validators() -> None:
     assert shared.jobs.ACT_AS_FIELDS is shared.contract.ACT_AS_FIELDS
     source = Path(shared.jobs.__file__).read_text(encoding="utf-8")
     assert "re.compile(r\"[0-9a-fA-F]{8}" not in source
+
+
+# --- ifMatch (ordering) ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("operation", ["update", "upsert", "delete"])
+def test_if_match_is_sent_with_the_write(operation: str) -> None:
+    runtime = FakeRuntime()
+    raw = job(operation=operation, key=GUID, ifMatch='W/"1234"', data=... if operation == "delete" else None)
+    if operation != "delete":
+        raw["data"] = {"firstname": "Ada"}
+    run_job(parse_job(raw), runtime)  # type: ignore[arg-type]
+    assert runtime.dataverse.calls[-1].if_match == 'W/"1234"'
+
+
+def test_without_if_match_nothing_changes() -> None:
+    runtime = FakeRuntime()
+    run_job(parse_job(job()), runtime)  # type: ignore[arg-type]
+    assert runtime.dataverse.calls[-1].if_match is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"operation": "create", "ifMatch": 'W/"1"'}, "not allowed for create"),
+        ({"ifMatch": "*"}, "ETag"),
+        ({"ifMatch": "1234"}, "ETag"),
+        ({"ifMatch": 'W/"1"\r\nX-Evil: 1'}, "ETag"),
+        ({"ifMatch": 5}, "ETag"),
+    ],
+)
+def test_bad_if_match_is_an_invalid_job(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidJob) as caught:
+        parse_job(job(**overrides))
+    assert fields_of(caught.value) == ["ifMatch"] and message in caught.value.message
+
+
+def test_a_newer_write_dead_letters_the_older_job_as_precondition_failed() -> None:
+    error = DataverseError("The version of the existing record doesn't match the RowVersion property provided.",
+                           status=412, dataverse_code="0x80060882")
+    runtime = FakeRuntime(dataverse=FakeDataverse(fail=error))
+    outcome = process(signed_text(job(operation="update", key=GUID, ifMatch='W/"1"')), runtime)
+    assert outcome.dead_letter is not None and outcome.dead_letter["reason"] == "precondition_failed"
