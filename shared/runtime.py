@@ -45,7 +45,8 @@ class Runtime:
         )
         attribution = AttributionGuard(dataverse, ttl=settings.user_cache_ttl)
         refresh, grace = settings.key_refresh_seconds, settings.key_grace_seconds
-        webhook_keys = KeyRing(secrets, settings.webhook_secret_name, refresh_seconds=refresh, grace_seconds=grace)
+        webhook_keys = KeyRing(secrets, settings.webhook_secret_name, refresh_seconds=refresh,
+                               grace_seconds=grace)
         # The app signs with the message key too: a new value is used only once every instance has read
         # it (settle = refresh), and the old one is kept longer by the same margin (shared/keyring.py).
         message_keys = KeyRing(secrets, settings.message_secret_name, refresh_seconds=refresh,

@@ -98,7 +98,11 @@ def sandbox_env(sandbox: SandboxClient, monkeypatch: pytest.MonkeyPatch) -> Iter
                  "MSI_ENDPOINT", "MSI_SECRET", "IDENTITY_SERVER_THUMBPRINT"):
         monkeypatch.delenv(name, raising=False)
     _reset_app_state()
+    from tests import signing
+
+    signing.CURRENT.append(sandbox)
     try:
         yield sandbox
     finally:
+        signing.CURRENT.remove(sandbox)
         _reset_app_state()

@@ -44,3 +44,13 @@ def message_key(sandbox: SandboxClient) -> str:
 def signed_for(sandbox: SandboxClient, job: Mapping[str, Any], *, source: str | None = None) -> str:
     """The queue text of ``job`` signed with the sandbox's message key."""
     return signed_text(job, message_key(sandbox), source=source)
+
+
+CURRENT: list[SandboxClient] = []
+"""The sandbox whose settings the ``sandbox_env`` fixture put in os.environ (the app under test's)."""
+
+
+def signed_for_env(job: Mapping[str, Any], *, source: str | None = None) -> str:
+    """The queue text of ``job`` signed with the message key of the app under test (``sandbox_env``)."""
+    assert CURRENT, "signed_for_env needs the sandbox_env fixture"
+    return signed_for(CURRENT[-1], job, source=source)

@@ -17,6 +17,13 @@ then ``AZURE_STORAGE_CONNECTION_STRING``, then ``DEVSTACK_STATE``.  Queue names 
 Every storage call gives up after ``--timeout`` seconds (default 10) and one retry, so an unreachable
 account fails in seconds instead of the SDK's default of minutes.
 
+``send`` signs each job as the webhook does (``shared.messages``: ``sync_job`` refuses unsigned
+messages) with the app's queue message key: read from Key Vault (``--key-vault-url`` or ``KEY_VAULT_URL``,
+secret ``MESSAGE_SIGNING_SECRET_NAME``, DefaultAzureCredential: the operator needs Key Vault Secrets User)
+or, on the devstack (``--state`` / ``DEVSTACK_STATE``), from the sandbox ``--sandbox`` (default
+``default``).  ``--source`` names the sender the jobs are signed for (default: a job's own ``source``,
+else ``queuectl``).  ``replay`` puts back the original signed message unchanged.
+
 Messages are base64 on the wire, as the Functions host expects.  ``replay`` deletes a message only
 after its copy is on the sync queue, so a crash in between duplicates a job (jobs are idempotent)
 and never loses one.  Exit status: see ``EXIT_CODES``.
@@ -339,6 +346,7 @@ class ReplayItem:
 def _replay_item(kind: str, message: QueueMessage) -> ReplayItem:
     from shared.errors import InvalidJob
     from shared.jobs import dumps, loads, parse_job
+    from shared.messages import AUTH_FIELD, strip
 
     body, _ = decode(str(message.content or ""))
     if kind == "poison":
@@ -352,13 +360,17 @@ def _replay_item(kind: str, message: QueueMessage) -> ReplayItem:
     if not isinstance(job, dict):
         return ReplayItem(message, body, None,
                           "the dead-lettered message was not a JSON job: fix it and use `send`")
+    job_id = job.get("id") if isinstance(job.get("id"), str) else None
+    if AUTH_FIELD not in job:
+        return ReplayItem(message, body, job_id,
+                          "the message is not signed: check its origin, then use `send`")
     try:
-        parse_job(job)
+        parse_job(strip(job))
     except InvalidJob as exc:
         fields = ", ".join(d.get("field", "") for d in exc.details) or exc.message
-        return ReplayItem(message, body, job.get("id") if isinstance(job.get("id"), str) else None,
+        return ReplayItem(message, body, job_id,
                           f"the job is still invalid ({fields}): fix it and use `send`")
-    return ReplayItem(message, dumps(job), str(job["id"]))
+    return ReplayItem(message, dumps(job), str(job["id"]))  # with its _auth: it verifies as before
 
 
 def _receive(client: QueueClient, wanted: int) -> Iterator[QueueMessage]:
@@ -484,9 +496,41 @@ def load_jobs(path: str, stdin: TextIO | None = None) -> list[Any]:
     return [document]
 
 
+DEFAULT_SOURCE = "queuectl"
+MESSAGE_SECRET_DEFAULT = "queue-message-signing-key"  # noqa: S105 (a Key Vault secret's name)
+
+
+def read_signing_key(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> str:
+    """The app's queue message key: from Key Vault, or from the devstack sandbox with ``--state``."""
+    env = os.environ if environ is None else environ
+    name = env.get("MESSAGE_SIGNING_SECRET_NAME") or MESSAGE_SECRET_DEFAULT
+    vault = getattr(args, "key_vault_url", None) or env.get("KEY_VAULT_URL")
+    state = args.state or (None if vault else env.get("DEVSTACK_STATE"))
+    if state and not getattr(args, "key_vault_url", None):
+        from devstack.control import Stack  # the local stack only: never in a deployed package
+
+        return Stack.from_state(state).sandbox(getattr(args, "sandbox", None) or "default").secret(name)
+    if vault:
+        from shared.errors import SyncError
+        from shared.secrets import SecretStore
+
+        store = SecretStore(vault)
+        try:
+            return store.get(name)
+        except SyncError as exc:
+            raise UsageError(
+                f"cannot read the message signing key {name} from {vault}: {exc.message}"
+            ) from None
+        finally:
+            store.close()
+    raise UsageError("send signs every job with the app's message key: pass --key-vault-url (or set "
+                     "KEY_VAULT_URL), or --state on the devstack")
+
+
 def cmd_send(storage: Storage, queues: Queues, args: argparse.Namespace, out: TextIO) -> int:
     from shared.errors import InvalidJob
     from shared.jobs import MAX_JOB_BYTES, dumps, parse_job, text_size
+    from shared.messages import sign, strip
 
     report = Report(out, args.json)
     jobs: list[Any] = args.jobs if getattr(args, "jobs", None) is not None else load_jobs(args.file)
@@ -495,12 +539,18 @@ def cmd_send(storage: Storage, queues: Queues, args: argparse.Namespace, out: Te
     texts: list[tuple[str, str]] = []
     for index, job in enumerate(jobs):
         where = f"jobs[{index}]" if batch else ""
+        if isinstance(job, dict):
+            job = strip(job)  # a stale _auth is replaced, never trusted
         try:
             parsed = parse_job(job, where=where)
+            source = args.source or parsed.source or DEFAULT_SOURCE
+            text = dumps(sign(job, source, args.signing_key))
         except InvalidJob as exc:
             problems.extend(f"{d.get('field')}: {d.get('message')}" for d in exc.details)
             continue
-        text = dumps(job)
+        except ValueError as exc:  # a job naming another source than --source
+            problems.append(f"{where or 'job'}: {exc}")
+            continue
         if text_size(text) > MAX_JOB_BYTES:
             size = text_size(text)
             problems.append(f"{where or 'job'}: {size} bytes, more than {MAX_JOB_BYTES} (queue limit)")
@@ -557,6 +607,11 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--dry-run", action="store_true", help="show what would be replayed, change nothing")
     send = commands.add_parser("send", parents=[common], help="validate and enqueue jobs from a JSON file")
     send.add_argument("file", help='one job, or {"jobs": [...]}; "-" for stdin')
+    send.add_argument("--source", help="the sender the jobs are signed for (default: each job's "
+                      f"own source, else {DEFAULT_SOURCE})")
+    send.add_argument("--key-vault-url",
+                      help="vault with the app's message signing key (default $KEY_VAULT_URL)")
+    send.add_argument("--sandbox", default="default", help="devstack sandbox whose key signs (with --state)")
     return parser
 
 
@@ -581,6 +636,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     try:
         if args.command == "send":
             args.jobs = load_jobs(args.file)  # a bad file is reported before any storage is touched
+            args.signing_key = read_signing_key(args)
         storage = open_storage(args)
         command = {"peek": cmd_peek, "replay": cmd_replay, "send": cmd_send}[args.command]
         return command(storage, queues, args, stream)

@@ -16,6 +16,7 @@ from azure.functions.queue import QueueMessage
 import function_app
 from devstack.control import SandboxClient
 from tests.bindings import Out
+from tests.signing import signed_for_env
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.integration
 def run(payload: dict[str, Any]) -> Out:
     out = Out()
     function_app.sync_job(
-        QueueMessage(id=str(uuid.uuid4()), body=json.dumps(payload).encode(), dequeue_count=1), out
+        QueueMessage(id=str(uuid.uuid4()), body=signed_for_env(payload).encode(), dequeue_count=1), out
     )
     return out
 

@@ -45,6 +45,7 @@ from shared.jobs import MAX_JOB_BYTES
 from shared.runtime import get_runtime, reset_runtime
 from shared.secrets import SecretStore
 from tests.bindings import Out
+from tests.signing import message_key, sign_job, signed_text
 
 pytestmark = pytest.mark.integration
 
@@ -109,8 +110,42 @@ def job(**overrides: Any) -> dict[str, Any]:
     return {k: v for k, v in base.items() if v is not None}
 
 
-def encode(message: Mapping[str, Any] | bytes) -> bytes:
-    return message if isinstance(message, bytes) else json.dumps(message).encode("utf-8")
+MESSAGE_KEY = [""]
+"""The sandbox's queue message key, set by the test: a job (mapping) is delivered signed with it."""
+
+Message = Mapping[str, Any] | bytes | Callable[[str], bytes]
+"""A job, signed at delivery as the webhook signs it; raw bytes, sent as they are; or a function of the
+message key, for the rows about signatures themselves."""
+
+
+def encode(message: Message) -> bytes:
+    if isinstance(message, bytes):
+        return message
+    if callable(message):
+        return message(MESSAGE_KEY[0])
+    return signed_text(message, MESSAGE_KEY[0]).encode("utf-8")
+
+
+def unsigned(key: str) -> bytes:
+    return json.dumps(job()).encode()
+
+
+def tampered(key: str) -> bytes:
+    """Signed, then the actor swapped: the write the attacker wants, under a signature made for another."""
+    message = sign_job(job(), key)
+    return json.dumps({**message, "actAs": {"email": "john@contoso.com"}}).encode()
+
+
+def wrong_key(key: str) -> bytes:
+    """Signed with the webhook key (which senders hold), not the app's message key."""
+    return signed_text(job(), "a-sender-knows-the-webhook-key").encode()
+
+
+def other_source(key: str) -> bytes:
+    """Signed for source crm, relabelled as billing's (job source and _auth.source both changed)."""
+    message = sign_job(job(), key, source="crm")
+    return json.dumps({**message, "source": "billing",
+                       "_auth": {**message["_auth"], "source": "billing"}}).encode()
 
 
 # --- a row ---------------------------------------------------------------------------------------
@@ -138,7 +173,7 @@ class Ctx:
         """A warm instance: the secret read and a token cached, as after earlier jobs."""
         get_runtime().tokens.get_token()
 
-    def deliver(self, message: Mapping[str, Any] | bytes, dequeue_count: int = 1) -> Outcome:
+    def deliver(self, message: Message, dequeue_count: int = 1) -> Outcome:
         return deliver(message, dequeue_count)
 
 
@@ -152,7 +187,7 @@ class Row:
 
     id: str
     outcomes: tuple[Outcome, ...]
-    message: Mapping[str, Any] | bytes = field(default_factory=job)
+    message: Message = field(default_factory=job)
     arrange: Callable[[Ctx], None] = nothing
     settings: Mapping[str, str] = field(default_factory=lambda: SETTINGS)
     records: int = 1  # contacts in Dataverse at the end
@@ -247,8 +282,10 @@ def token_requests(n: int) -> Callable[[Ctx, dict[str, dict[str, int]]], None]:
 
 
 def secret_reads(n: int) -> Callable[[Ctx, dict[str, dict[str, int]]], None]:
+    """``n`` reads of the client secret, plus the one read of the queue message key per instance."""
+
     def check(ctx: Ctx, counters: dict[str, dict[str, int]]) -> None:
-        assert counters["keyvault"].get("GET secret", 0) == n
+        assert counters["keyvault"].get("GET secret", 0) == n + 1
 
     return check
 
@@ -402,6 +439,15 @@ ROWS: list[Row] = [
         message=job(data={"description": "x" * MAX_JOB_BYTES}), records=0, author=None),
     Row("message-dead-letter-would-not-fit", (Raised("dead_letter_too_large", False),),
         message=b"\x01" * (MAX_JOB_BYTES - 10), records=0, author=None),
+    # --- who put the message on the queue (issue 8): only what the webhook (or queuectl) signed ---
+    Row("message-unsigned", (DeadLettered("unauthenticated_message"),), message=unsigned, records=0,
+        author=None, check=no_write_sent),
+    Row("message-tampered", (DeadLettered("unauthenticated_message"),), message=tampered, records=0,
+        author=None, check=no_write_sent),
+    Row("message-wrong-key", (DeadLettered("unauthenticated_message"),), message=wrong_key, records=0,
+        author=None, check=no_write_sent),
+    Row("message-signed-for-another-source", (DeadLettered("unauthenticated_message"),),
+        message=other_source, records=0, author=None, check=no_write_sent),
     # --- at-least-once delivery -----------------------------------------------------------------
     Row("duplicate-upsert", (W, W), check=writes_sent(2)),
     Row("duplicate-keyless-create", (W, W0), message=job(operation="create", key=None)),
@@ -482,7 +528,7 @@ DELIVERIES: list[Delivery] = []
 RESULTS: list[WriteResult] = []
 
 
-def deliver(message: Mapping[str, Any] | bytes, dequeue_count: int = 1) -> Outcome:
+def deliver(message: Message, dequeue_count: int = 1) -> Outcome:
     body = encode(message)
     out = Out()
     msg = QueueMessage(  # type: ignore[no-untyped-call]
@@ -540,6 +586,7 @@ def test_fault_matrix(
     reset_runtime()
     webhook_key = random_secrets.token_urlsafe(32)
     sbx.set_secret(WEBHOOK_SECRET_NAME, webhook_key)
+    MESSAGE_KEY[0] = message_key(sbx)
     for name in ("", "shared", "azure", "msal", "urllib3", "function_app"):
         caplog.set_level(logging.DEBUG, logger=name or None)
     logs.install()  # as in Azure, where the worker's handler exists when the app is imported
@@ -577,7 +624,7 @@ def test_fault_matrix(
     row.check(ctx, sbx.counters())
 
     # 3. no secret, no token in any log record (nor in a dead-letter message)
-    credentials = wire.all() | {webhook_key, sbx.identity_header}
+    credentials = wire.all() | {webhook_key, sbx.identity_header, MESSAGE_KEY[0]}
     if any(isinstance(o, Written) for o in outcomes):
         assert wire.tokens and wire.secrets, "the leak check saw no credential: it would prove nothing"
     for log_record in caplog.get_records("call"):

@@ -13,7 +13,9 @@ import function_app
 from devstack.control import SandboxClient
 from shared.errors import DataverseError
 from shared.jobs import deterministic_id
+from shared.messages import strip
 from tests.bindings import Out
+from tests.signing import SOURCE, signed_for_env
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +33,7 @@ def app_user_id(sbx: SandboxClient) -> str:
 def run(payload: dict[str, Any]) -> Out:
     out = Out()
     function_app.sync_job(
-        QueueMessage(id=str(uuid.uuid4()), body=json.dumps(payload).encode(), dequeue_count=1), out
+        QueueMessage(id=str(uuid.uuid4()), body=signed_for_env(payload).encode(), dequeue_count=1), out
     )
     return out
 
@@ -67,7 +69,7 @@ def test_warm_instance_reads_the_secret_and_the_token_once(sandbox_env: SandboxC
     sbx = sandbox_env
     for i in range(3):
         assert not run(job(key={"emailaddress1": f"u{i}@example.com"})).was_set
-    assert count(sbx, "keyvault", "GET secret") == 1
+    assert count(sbx, "keyvault", "GET secret") == 2  # the client secret and the queue message key
     assert count(sbx, "entra", "POST token") == 1
     assert count(sbx, "dataverse", "GET systemusers") == 1  # jane looked up once
 
@@ -80,7 +82,7 @@ def test_keyless_create_delivered_twice_creates_one_record(sandbox_env: SandboxC
     assert not run(payload).was_set  # at-least-once: the same message again
     records = sbx.records("contacts")
     assert len(records) == 1
-    assert records[0]["contactid"] == str(deterministic_id("contacts", payload["id"]))
+    assert records[0]["contactid"] == str(deterministic_id("contacts", payload["id"], SOURCE))
     assert records[0]["_createdby_value"] == user_id(sbx, "john@contoso.com")
 
 
@@ -105,7 +107,7 @@ def test_actor_failures_dead_letter_without_writing(
     payload = job(actAs=act_as)
     out = run(payload)
     (record,) = [json.loads(text) for text in out.value]
-    assert record["reason"] == reason and record["job"] == payload
+    assert record["reason"] == reason and strip(record["job"]) == {**payload, "source": SOURCE}
     assert sbx.records("contacts") == []
     assert count(sbx, "dataverse", "PATCH contacts") == 0
 
@@ -142,7 +144,7 @@ def test_persistent_503_raises_for_the_host_to_retry(
     sbx.add_fault("dataverse", method="PATCH", path="contacts", status=503, times=10)
     out = Out()
     with pytest.raises(DataverseError) as caught:
-        function_app.sync_job(QueueMessage(id="m", body=json.dumps(job()).encode(), dequeue_count=1), out)
+        function_app.sync_job(QueueMessage(id="m", body=signed_for_env(job()).encode(), dequeue_count=1), out)
     assert caught.value.transient and caught.value.code == "dataverse_unavailable"
     assert not out.was_set
     assert count(sbx, "dataverse", "PATCH contacts") == 2  # the first try and one bounded retry

@@ -634,7 +634,9 @@ def test_webhook_message_key_unavailable_is_503_and_enqueues_nothing(runtime: Fa
     ],
     ids=["unsigned", "forged"],
 )
-def test_sync_job_dead_letters_unauthenticated_messages(runtime: FakeRuntime, payload: dict[str, Any]) -> None:
+def test_sync_job_dead_letters_unauthenticated_messages(
+    runtime: FakeRuntime, payload: dict[str, Any]
+) -> None:
     out = Out()
     function_app.sync_job(QueueMessage(id="m", body=json.dumps(payload).encode(), dequeue_count=1), out)
     record = json.loads(out.value)

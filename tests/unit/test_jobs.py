@@ -651,8 +651,10 @@ def test_bad_if_match_is_an_invalid_job(overrides: dict[str, Any], message: str)
 
 
 def test_a_newer_write_dead_letters_the_older_job_as_precondition_failed() -> None:
-    error = DataverseError("The version of the existing record doesn't match the RowVersion property provided.",
-                           status=412, dataverse_code="0x80060882")
+    error = DataverseError(
+        "The version of the existing record doesn't match the RowVersion property provided.",
+        status=412, dataverse_code="0x80060882",
+    )
     runtime = FakeRuntime(dataverse=FakeDataverse(fail=error))
     outcome = process(signed_text(job(operation="update", key=GUID, ifMatch='W/"1"')), runtime)
     assert outcome.dead_letter is not None and outcome.dead_letter["reason"] == "precondition_failed"

@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from shared.messages import strip, verify
+from tests.signing import UNIT_MESSAGE_KEY, sign_job
 from tools import queuectl
 
 JOB = {"id": "crm-1", "entity": "contacts", "operation": "upsert",
@@ -79,13 +81,17 @@ class FakeStorage(queuectl.Storage):
 
 def run(storage: FakeStorage, *argv: str, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
     monkeypatch.setattr(queuectl, "open_storage", lambda args: storage)
+    monkeypatch.setattr(queuectl, "read_signing_key", lambda args: UNIT_MESSAGE_KEY)
     monkeypatch.delenv("SYNC_QUEUE_NAME", raising=False)
     out = io.StringIO()
     code = queuectl.main(list(argv), out=out)
     return code, out.getvalue()
 
 
-def dead_letter(job: object, reason: str = "actor_not_found") -> str:
+def dead_letter(job: object, reason: str = "actor_not_found", *, signed: bool = True) -> str:
+    """A dead-letter record as sync_job writes it: the message as it came, signed (dicts only)."""
+    if signed and isinstance(job, dict):
+        job = sign_job(job, UNIT_MESSAGE_KEY)
     return json.dumps({"job": job, "reason": reason, "detail": "no user jane@contoso.com",
                        "failedAt": "2024-05-01T06:00:00Z"})
 
@@ -103,7 +109,8 @@ def test_replay_deadletter_requeues_the_original_job_and_deletes_after_sending(
     storage.queue("dynamics-sync-deadletter").add(queuectl.encode(dead_letter(JOB)))
     code, out = run(storage, "replay", "deadletter", monkeypatch=monkeypatch)
     assert code == 0
-    assert [json.loads(t) for t in storage.texts("dynamics-sync")] == [JOB]
+    (sent,) = [json.loads(t) for t in storage.texts("dynamics-sync")]
+    assert sent == sign_job(JOB, UNIT_MESSAGE_KEY, now=sent["_auth"]["t"])  # the signed original, unchanged
     assert storage.queue("dynamics-sync-deadletter").messages == []
     assert "replayed 1 message(s)" in out
 
@@ -183,7 +190,8 @@ def test_peek_shows_reasons_without_taking(monkeypatch: pytest.MonkeyPatch) -> N
     assert "crm-1  actor_not_found: no user jane@contoso.com" in out
     code, out = run(storage, "peek", "deadletter", "--json", monkeypatch=monkeypatch)
     [message] = json.loads(out)["messages"]
-    assert (message["jobId"], message["reason"], message["job"]) == ("crm-1", "actor_not_found", JOB)
+    assert (message["jobId"], message["reason"]) == ("crm-1", "actor_not_found")
+    assert strip(message["job"]) == {**JOB, "source": "tests"}
     assert storage.queue("dynamics-sync-deadletter").messages[0].dequeue_count == 0
 
 
@@ -199,7 +207,8 @@ def test_send_validates_every_job_before_sending_any(tmp_path: Path, monkeypatch
     good.write_text(json.dumps(JOB))
     code, out = run(storage, "send", str(good), monkeypatch=monkeypatch)
     assert code == 0 and "sent crm-1 -> dynamics-sync" in out
-    assert [json.loads(t) for t in storage.texts("dynamics-sync")] == [JOB]
+    (sent,) = [json.loads(t) for t in storage.texts("dynamics-sync")]
+    assert strip(sent) == {**JOB, "source": "queuectl"} and verify(sent, [UNIT_MESSAGE_KEY])
 
 
 def test_send_refuses_a_job_over_the_queue_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -491,3 +500,36 @@ def test_peek_deadletter_says_what_to_do_about_each_reason(monkeypatch: pytest.M
     _, out = run(storage, "peek", "deadletter", "--json", monkeypatch=monkeypatch)
     messages = json.loads(out)["messages"]
     assert [m.get("fix") for m in messages] == [fix_for("invalid_column")] * 2 + [None]
+
+
+def test_send_signs_for_the_given_source_and_refuses_a_job_of_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = FakeStorage()
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps(JOB | {"_auth": {"source": "x", "t": 1, "sig": "0" * 64}}))  # stale: replaced
+    code, out = run(storage, "send", str(job), "--source", "crm", monkeypatch=monkeypatch)
+    assert code == 0, out
+    (sent,) = [json.loads(t) for t in storage.texts("dynamics-sync")]
+    assert sent["_auth"]["source"] == "crm" and sent["source"] == "crm" and verify(sent, [UNIT_MESSAGE_KEY])
+    job.write_text(json.dumps(JOB | {"source": "erp"}))
+    code, out = run(storage, "send", str(job), "--source", "crm", monkeypatch=monkeypatch)
+    assert code == 1 and "names source 'erp'" in out
+
+
+def test_replay_keeps_the_signed_message_and_leaves_unsigned_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = FakeStorage()
+    dead = storage.queue("dynamics-sync-deadletter")
+    signed = sign_job(JOB, UNIT_MESSAGE_KEY, source="crm")
+    dead.add(queuectl.encode(json.dumps({"job": signed, "reason": "actor_not_found", "detail": "x",
+                                         "failedAt": "2024-05-01T06:00:00Z"})))
+    dead.add(queuectl.encode(dead_letter(JOB | {"id": "forged"}, "unauthenticated_message", signed=False)))
+    code, out = run(storage, "replay", "deadletter", monkeypatch=monkeypatch)
+    assert code == 1 and "not signed" in out
+    assert [json.loads(t) for t in storage.texts("dynamics-sync")] == [signed]  # byte-for-byte the same job
+
+
+def test_read_signing_key_needs_a_vault_or_the_devstack(monkeypatch: pytest.MonkeyPatch) -> None:
+    args = queuectl.build_parser().parse_args(["send", "x.json"])
+    with pytest.raises(queuectl.UsageError, match="--key-vault-url"):
+        queuectl.read_signing_key(args, environ={})
