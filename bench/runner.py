@@ -18,6 +18,7 @@ from typing import Any
 from bench.stack import ROOT, StackProcess
 from bench.workload import ENTITY_SET, KEY_FIELD, Workload
 from devstack.control import SandboxClient
+from devstack.sandboxes import MESSAGE_SECRET_NAME
 
 CLIENT_SECRET_NAME = "dataverse-client-secret"
 
@@ -160,6 +161,8 @@ def measure(stack: StackProcess, *, label: str, contender: str, workload: Worklo
             "affinity": affinity,
             "deadline_seconds": deadline_seconds,
             "warm_imports": list(warm_imports),
+            # the project's sync_job refuses unsigned messages; the baselines get the plain jobs
+            "message_key": sbx.secret(MESSAGE_SECRET_NAME) if contender == "project" else None,
         }
         before = _cpu_snapshot(stack.pid)
         result = run_worker(spec, stack, log_dir, profile)

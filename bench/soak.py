@@ -37,6 +37,10 @@ from bench.report import REQUEST_KIND
 from bench.stack import ROOT, StackProcess
 from devstack.control import SandboxClient
 from devstack.processes import spawn
+from devstack.sandboxes import MESSAGE_SECRET_NAME
+from shared.messages import sign
+
+SOURCE = "soak"
 
 QUEUE = "dynamics-sync"
 DEAD_LETTER = f"{QUEUE}-deadletter"
@@ -323,7 +327,6 @@ def stop_host(process: subprocess.Popen[bytes]) -> None:
 def run(args: argparse.Namespace) -> int:
     plan = Plan(args.jobs, args.bad_rate, args.poison_rate, args.seed)
     kinds = plan.kinds()
-    bodies = [json.dumps(plan.job(i, k), separators=(",", ":")) for i, k in enumerate(kinds)]
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     print(f"soak: {plan.jobs} jobs ({Counter(kinds)}), faults on {args.fault_rate:.0%} of Dataverse "
@@ -333,6 +336,10 @@ def run(args: argparse.Namespace) -> int:
     with StackProcess(azurite=True) as stack:
         connection = stack.stack.azurite["connection_string"]
         sbx = stack.stack.create_sandbox(seed="default", users=ACTORS)
+        # signed as the webhook signs them: sync_job refuses unsigned messages (unauthenticated_message)
+        key = sbx.secret(MESSAGE_SECRET_NAME)
+        bodies = [json.dumps(sign(plan.job(i, k), SOURCE, key), separators=(",", ":"))
+                  for i, k in enumerate(kinds)]
         sbx.set_limits(requests=1_000_000, execution_ms=1_000_000_000)  # 429s come from the injector
         sbx.set_latency("dataverse", args.latency)
         sbx.add_fault("dataverse", path=rf"/{DOWN_TABLE}", status=503, times=-1,

@@ -152,7 +152,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     os.environ.update(spec.get("env", {}))
     contender = spec["contender"]
     workload = Workload.from_dict(spec["workload"])
-    bodies = [b.encode("utf-8") for b in workload.bodies()]
+    key = spec.get("message_key")
+    bodies = [b.encode("utf-8") for b in workload.bodies(key)]
 
     cpu0, t0 = cpu_seconds(), time.perf_counter()
     invoke = load_invoker(contender)

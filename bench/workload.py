@@ -58,15 +58,22 @@ class Workload:
             job["actAs"] = {"email": actor}
         return job
 
-    def bodies(self) -> Iterator[str]:
+    def bodies(self, message_key: str | None = None) -> Iterator[str]:
+        """The queue texts; with ``message_key`` each is signed as the webhook signs it (source ``bench``)."""
+        from shared.messages import sign
+
+        def text(job: dict[str, Any]) -> str:
+            signed = job if message_key is None else sign(job, "bench", message_key)
+            return json.dumps(signed, ensure_ascii=False, separators=(",", ":"))
+
         if self.per_job <= 1:
             for i in range(self.count):
-                yield json.dumps(self.job(i), ensure_ascii=False, separators=(",", ":"))
+                yield text(self.job(i))
             return
         if self.actors > 1:
             raise ValueError("bulk workloads use one actor (or none): a bulk job acts for one user")
         for first in range(0, self.count, self.per_job):
-            yield json.dumps(self.bulk_job(first), ensure_ascii=False, separators=(",", ":"))
+            yield text(self.bulk_job(first))
 
     def to_dict(self) -> dict[str, Any]:
         return {"prefix": self.prefix, "count": self.count, "actors": self.actors, "per_job": self.per_job}

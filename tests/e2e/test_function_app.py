@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from devstack.control import SandboxClient
+from shared.messages import strip
 from tests.e2e.conftest import ROOT, HostProcess, StartHost, blob_names, blob_text, put_blob, queue_texts
 from tools import queuectl
 
@@ -38,12 +39,13 @@ def start_app(start_host: StartHost, sandbox: SandboxClient, queue_name: str) ->
     return start
 
 
-def post_jobs(host: HostProcess, jobs: list[dict[str, Any]]) -> None:
+def post_jobs(host: HostProcess, jobs: list[dict[str, Any]], *, t: int | None = None) -> None:
     from shared.webhooks import signature_header
 
     body = json.dumps({"jobs": jobs}).encode()
+    timestamp = int(time.time()) if t is None else t
     headers = {"Content-Type": "application/json",
-               "X-Signature": signature_header(WEBHOOK_KEY.encode(), body, int(time.time()), source="crm")}
+               "X-Signature": signature_header(WEBHOOK_KEY.encode(), body, timestamp, source="crm")}
     response = host.call("POST", "/api/webhooks/crm", data=body, headers=headers)
     assert response.status_code == 202, response.text
     assert response.json()["accepted"] == len(jobs)
@@ -83,8 +85,9 @@ def test_permanent_failures_are_dead_lettered_with_their_reasons(
     assert records["dl-unknown"]["reason"] == "actor_not_found"
     assert records["dl-disabled"]["reason"] == "actor_disabled"
     assert all(r["detail"] and r["failedAt"] for r in records.values())
-    assert records["dl-unknown"]["job"] == {
+    assert strip(records["dl-unknown"]["job"]) == {
         **contact_job("dl-unknown", "a@example.com", "nobody@contoso.com"), "source": "crm"}
+    assert records["dl-unknown"]["job"]["_auth"]["source"] == "crm"  # kept: a replay still verifies
     assert sandbox.records("contacts") == []
     assert queue_texts(azurite_connection, f"{queue_name}-poison") == []
 
@@ -99,7 +102,8 @@ def test_a_persistent_503_ends_in_poison_after_five_dequeues(
     host.wait_for(rf"Moved message \S+ to queue '{queue_name}-poison'", timeout=60)
     assert host.count(r"Executed 'Functions.sync_job' \(Failed") == 5
     poisoned = [json.loads(t) for t in queue_texts(azurite_connection, f"{queue_name}-poison")]
-    assert poisoned == [{**job, "source": "crm"}]  # as enqueued: stamped with the route's source
+    assert [strip(p) for p in poisoned] == [{**job, "source": "crm"}]  # as enqueued: source stamped
+    assert poisoned[0]["_auth"]["source"] == "crm"  # and sealed
     assert queue_texts(azurite_connection, f"{queue_name}-deadletter") == []
 
 
