@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from shared.errors import ConfigurationError, ReplayStoreUnavailable
 
@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("shared.replay")
 
 CONTAINER = "webhook-replay"
+_FAST: dict[str, Any] = {"retry_total": 0, "connection_timeout": 3, "read_timeout": 5}
+"""Per call: an HTTP request must not wait out the storage SDK's retry backoff (15 s, then 18 s...);
+the sender is told 503 + Retry-After and tries again instead."""
 
 
 def blob_name(timestamp: int, source: str, body: bytes) -> str:
@@ -60,7 +63,7 @@ class ReplayGuard:
             except ResourceNotFoundError:
                 # a fresh account (Azurite, or before infra created it): create the container once
                 with contextlib.suppress(ResourceExistsError):
-                    container.create_container()
+                    container.create_container(**_FAST)
                 self._claim(container, name)
         except ResourceExistsError:
             log.warning("source=%s webhook replay refused (t=%d)", source, timestamp)
@@ -78,4 +81,4 @@ class ReplayGuard:
 
     def _claim(self, container: ContainerClient, name: str) -> None:
         self.writes += 1
-        container.upload_blob(name, b"", overwrite=False)
+        container.upload_blob(name, b"", overwrite=False, **_FAST)
