@@ -136,6 +136,11 @@ def storage(infra: Infra) -> None:
     listed = call(t.outputs["blobContainerNames"]["value"], "concat")
     assert listed is not None and accessor_chain(listed["arg_1"][0]) == ["deploymentContainer", "name"]
     assert listed["arg_2"] == "appContainerNames" and len(listed) == 2
+    # the webhook replay window (shared/replay.py) is cleaned up by a lifecycle rule
+    (policy,) = t.resources(f"{STORAGE}/managementPolicies")
+    (rule,) = policy.get("properties.policy.rules")
+    assert rule["definition"]["filters"]["prefixMatch"] == ["webhook-replay/"]
+    assert rule["definition"]["actions"]["baseBlob"]["delete"] == {"daysAfterModificationGreaterThan": 1}
     assert _main_source(infra, "storage", "deploymentContainerName") == "deploymentContainerName"
     deployment_value = (
         infra["functionapp"]
@@ -223,7 +228,7 @@ def key_vault(infra: Infra) -> None:
     assert infra.main.default("keyVaultNetworkDefaultAction") == "Deny", "deny by default"
 
     secrets = t.resources(f"{VAULT}/secrets")
-    assert {s.get("name") for s in secrets} == {"clientSecretName", "webhookSecretName"}
+    assert {s.get("name") for s in secrets} == {"clientSecretName", "webhookSecretName", "messageSecretName"}
     for secret in secrets:
         value = secret.get("properties.value")
         assert isinstance(value, str) and value in t.parameters and t.is_secure(value), (
@@ -233,7 +238,7 @@ def key_vault(infra: Infra) -> None:
             f"{secret.symbol} must be written only when {value} is given"
         )
         assert t.default(value) == "", f"{value} must be optional"
-    for name in ("dataverseClientSecret", "webhookSigningSecret"):
+    for name in ("dataverseClientSecret", "webhookSigningSecret", "messageSigningSecret"):
         assert infra.main.is_secure(name) and infra.main.default(name) == ""
         assert _main_source(infra, "keyvault", name) == name
 
