@@ -65,7 +65,8 @@ class KeyRing:
         self._flight: SingleFlight[None] = SingleFlight()
         self._current: str | None = None
         self._retired: dict[str, float] = {}  # value -> when it stops being accepted
-        self._last_attempt: float | None = None
+        self._last_attempt: float | None = None  # any read: paces the periodic re-read
+        self._last_mismatch: float | None = None  # re-reads a bad signature asked for: rate limited
 
     def _store(self) -> SecretSource:
         store = self._secrets
@@ -107,8 +108,11 @@ class KeyRing:
         """
         if self._current is None:
             return self.keys()
-        if not self._due(self.min_reread_seconds):
-            return None
+        with self._lock:
+            last = self._last_mismatch
+            if last is not None and self._clock() - last < self.min_reread_seconds:
+                return None
+            self._last_mismatch = self._last_attempt = self._clock()
         try:
             self._flight.do("mismatch", lambda: self._reread(quiet=False))
         except SyncError as exc:

@@ -89,10 +89,18 @@ def _reset_app_state() -> None:
 
 
 @pytest.fixture
-def sandbox_env(sandbox: SandboxClient, monkeypatch: pytest.MonkeyPatch) -> Iterator[SandboxClient]:
-    """``sandbox`` with its settings in os.environ and the app's cached settings/runtime dropped."""
+def sandbox_env(
+    sandbox: SandboxClient, stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[SandboxClient]:
+    """``sandbox`` with its settings in os.environ and the app's cached settings/runtime dropped.
+
+    ``AzureWebJobsStorage`` points at the stack's Azurite: the app keeps shared state (the webhook
+    replay window) in its storage account, as the host keeps its queues there.
+    """
     for name, value in sandbox.env.items():
         monkeypatch.setenv(name, value)
+    if stack.azurite.get("connection_string"):
+        monkeypatch.setenv("AzureWebJobsStorage", stack.azurite["connection_string"])
     # A test runner's own Azure settings must not leak into the app under test.
     for name in ("AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET", "AZURE_TENANT_ID", "AZURE_FEDERATED_TOKEN_FILE",
                  "MSI_ENDPOINT", "MSI_SECRET", "IDENTITY_SERVER_THUMBPRINT"):

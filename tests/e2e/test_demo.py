@@ -45,7 +45,7 @@ def test_make_run_accounts_for_every_job_and_stops_everything(tmp_path: Path) ->
     assert (result["poison"], result["queued"], result["unexpected"]) == (0, 0, [])
     counters = result["counters"]
     assert counters["entra"]["POST token"] == 1
-    assert counters["keyvault"]["GET secret"] == 2  # client secret + webhook key, once each
+    assert counters["keyvault"]["GET secret"] == 3  # client secret, webhook key, message key: once each
     assert counters["dataverse"]["GET systemusers"] == result["lookupsExpected"] == 7
     assert counters["dataverse"].get("impersonation:ignored", 0) == 0
     roster = result["reconciliation"]
