@@ -25,8 +25,10 @@ import function_app
 from shared import jobs
 from shared.errors import AuthError, ConfigurationError, SyncError
 from shared.jobs import MAX_JOB_BYTES, parse_job
+from shared.messages import strip, verify
 from shared.webhooks import MAX_BODY_BYTES, TOLERANCE_SECONDS, WebhookResult, handle_webhook, signature_header
 from tests.bindings import Out
+from tests.signing import UNIT_MESSAGE_KEY
 from tests.unit.functions_fakes import FakeRuntime, FakeSecrets
 from tests.unit.test_fuzz_jobs import broken_jobs, json_values, nested, valid_jobs
 
@@ -173,8 +175,12 @@ def assert_documented(result: WebhookResult, key: KeySource, body: bytes, source
         assert result.body["accepted"] == len(received) == len(result.messages)
         assert result.body["ids"] == [job["id"] for job in received]
         stamped = [{**job, "source": source} for job in received]  # each job as received + its source
-        assert [json.loads(m) for m in result.messages] == stamped
-        assert result.messages == [jobs.dumps(job) for job in stamped]
+        decoded = [json.loads(m) for m in result.messages]
+        assert [strip(m) for m in decoded] == stamped
+        # sealed by the function (never by handle_webhook without a seal): all of them, with the app's key
+        sealed = [m for m in decoded if "_auth" in m]
+        assert sealed in ([], decoded) and all(verify(m, [UNIT_MESSAGE_KEY]) for m in sealed)
+        assert result.messages == [jobs.dumps(m) for m in decoded]
         assert all(jobs.text_size(m) <= MAX_JOB_BYTES for m in result.messages)
         assert key.calls == 1 and key.mode == "ok"
         return
@@ -258,7 +264,8 @@ def _secrets(mode: str) -> FakeSecrets:
     }
     name = "webhook-signing-secret"
     fail = {name: failures[mode]} if mode in failures else None
-    return FakeSecrets(values={name: "" if mode == "empty" else KEY}, fail=fail)
+    return FakeSecrets(values={name: "" if mode == "empty" else KEY,
+                               "queue-message-signing-key": UNIT_MESSAGE_KEY}, fail=fail)
 
 
 @FUZZ
