@@ -397,6 +397,14 @@ FIXES: dict[str, str] = {
     "unsupported_media_type": "Send Content-Type: application/json.",
     "signing_key_unavailable": "The webhook signing key cannot be read from Key Vault: run /api/diagnostics "
                                "and fix the webhook_secret step.",
+    "replayed": "This signed body was accepted before: to send it again, sign it again (a new t).",
+    "replay_store_unavailable": "The replay window (blob container webhook-replay in AzureWebJobsStorage) "
+                                "cannot be written: retry after Retry-After; check the app identity's "
+                                "Storage Blob Data role on that container.",
+    # queue messages
+    "unauthenticated_message": "The message was not put on the queue by the webhook or queuectl send "
+                               "(no valid _auth): find out who wrote it; if it is genuine, queuectl send "
+                               "it (which signs it with Key Vault secret MESSAGE_SIGNING_SECRET_NAME).",
 }
 """One fix text per error code: what an operator does about it.  Used where the error is raised and by
 ``/api/diagnostics``, so the same problem never gets two different portal paths.  ``{name}`` fields are

@@ -29,7 +29,8 @@ CONTAINER = f"{STORAGE}/blobServices/containers"
 APP_INSIGHTS = "Microsoft.Insights/components"
 # The containers the Functions host and the code use; each is created in storage.bicep, so the app's
 # container-scoped roles never need the account-wide right to create one.
-REQUIRED_CONTAINERS = {"azure-webjobs-hosts", "azure-webjobs-secrets", "reconciliation", "bulk-records"}
+REQUIRED_CONTAINERS = {"azure-webjobs-hosts", "azure-webjobs-secrets", "reconciliation", "bulk-records",
+                       "webhook-replay"}
 
 # Exactly these, no more: (role, type of the resource it is scoped to).
 APP_IDENTITY_ROLES = {

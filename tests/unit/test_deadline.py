@@ -28,6 +28,7 @@ from shared.settings import (
     parse_timespan,
 )
 from shared.singleflight import SingleFlight
+from tests.signing import signed_text
 from tests.unit.functions_fakes import FakeRuntime
 from tests.unit.test_dataverse import API, SETTINGS, Clock, FakeTokens, error_body
 
@@ -239,8 +240,8 @@ class DeadlineSpy:
 def test_process_message_runs_the_job_under_job_deadline_seconds() -> None:
     spy = DeadlineSpy()
     runtime = FakeRuntime(dataverse=spy)
-    body = json.dumps({"id": "dl-1", "entity": "contacts", "operation": "upsert",
-                       "key": {"emailaddress1": "a@example.com"}, "data": {"firstname": "A"}})
+    body = signed_text({"id": "dl-1", "entity": "contacts", "operation": "upsert",
+                        "key": {"emailaddress1": "a@example.com"}, "data": {"firstname": "A"}})
     with pytest.raises(DeadlineExceeded) as raised:
         process_message(body, lambda: runtime)  # type: ignore[arg-type, return-value]
     assert raised.value.code == "job_deadline_exceeded"
