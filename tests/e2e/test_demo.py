@@ -87,7 +87,7 @@ def test_make_run_federated_has_no_client_secret_anywhere(tmp_path: Path) -> Non
     counters = result["counters"]
     assert counters["entra"]["POST token"] == 1
     assert counters["identity"]["token-exchange"] == 1  # one client assertion for the one token
-    assert counters["keyvault"]["GET secret"] == 1  # the webhook key only
+    assert counters["keyvault"]["GET secret"] == 2  # the webhook key and the queue message key only
     assert re.search(r"DATAVERSE_CREDENTIAL=federated: client secrets .*: none → OK", output)
     assert len(output.splitlines()) <= 60
 
