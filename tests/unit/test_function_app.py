@@ -470,11 +470,12 @@ def test_sync_job_dead_letters_permanent_failures(
 ) -> None:
     runtime.dataverse = FakeDataverse(fail=setup)
     out = Out()
-    function_app.sync_job(message(payload), out)
+    delivered = message(payload)
+    function_app.sync_job(delivered, out)
     assert out.was_set
     (record,) = [json.loads(text) for text in out.value]
     assert record["reason"] == reason and set(record) == {"job", "reason", "detail", "failedAt"}
-    expected_job = payload.decode() if isinstance(payload, bytes) else json.loads(message(payload).get_body())
+    expected_job = payload.decode() if isinstance(payload, bytes) else json.loads(delivered.get_body())
     assert record["job"] == expected_job  # the message as it came, _auth included: a replay still verifies
 
 
