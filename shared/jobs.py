@@ -56,7 +56,7 @@ from shared.errors import (
     UnauthenticatedMessage,
 )
 from shared.logs import job_logger
-from shared.messages import authenticate
+from shared.messages import authenticate, sign
 
 if TYPE_CHECKING:
     from shared.bulk import BulkReport
@@ -627,7 +627,8 @@ def process_message(body: str | bytes, runtime: Callable[[], Runtime]) -> JobOut
                              setting="JOB_DEADLINE_SECONDS", started=started):
             if job.is_bulk:
                 report, letters = run_bulk_job(job, current)
-                return JobOutcome(job.id, None, None, report, tuple(_fit(x, job.id) for x in letters))
+                sealed = [_sealed(x, job, current) for x in letters]
+                return JobOutcome(job.id, None, None, report, tuple(_fit(x, job.id) for x in sealed))
             result = run_job(job, current)
     except SyncError as exc:
         if exc.transient:
@@ -643,6 +644,13 @@ def process_message(body: str | bytes, runtime: Callable[[], Runtime]) -> JobOut
         jlog.exception("outcome=retry reason=unexpected_error")
         raise
     return JobOutcome(job.id, result, None)
+
+
+def _sealed(letter: dict[str, Any], job: Job, runtime: Runtime) -> dict[str, Any]:
+    """A failed record of a verified bulk job, signed for the job's source: replayable as is (the record
+    is a new message the app derived from an authenticated one, so the app vouches for it)."""
+    assert job.source is not None  # an authenticated message always names its source
+    return {**letter, "job": sign(letter["job"], job.source, runtime.message_keys.signing_key())}
 
 
 def _fit(record: dict[str, Any], job_id: str | None) -> dict[str, Any]:

@@ -14,9 +14,11 @@ from devstack.control import SandboxClient, Stack
 from shared.dataverse import Caller
 from shared.errors import DataverseError
 from shared.jobs import deterministic_id
+from shared.messages import strip, verify
 from shared.odatabatch import BatchOperation
 from shared.runtime import get_runtime
 from tests.bindings import Out
+from tests.signing import SOURCE, message_key, signed_for_env
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +31,7 @@ def run(payload: dict[str, Any]) -> list[dict[str, Any]]:
     """Deliver one message through sync_job; the dead-letter records it wrote."""
     out = Out()
     function_app.sync_job(
-        QueueMessage(id=str(uuid.uuid4()), body=json.dumps(payload).encode(), dequeue_count=1), out
+        QueueMessage(id=str(uuid.uuid4()), body=signed_for_env(payload).encode(), dequeue_count=1), out
     )
     assert len(out.sets) <= 1
     return [json.loads(text) for text in out.value] if out.sets else []
@@ -84,7 +86,7 @@ def test_keyless_create_multiple_delivered_twice_creates_each_record_once(sandbo
     assert run(payload) == []
     assert dv(sbx)["bulk:CreateMultiple"] == 1
     first = {r["accountid"] for r in sbx.records("accounts")}
-    assert first == {str(deterministic_id("accounts", f"{payload['id']}/{i}")) for i in range(40)}
+    assert first == {str(deterministic_id("accounts", f"{payload['id']}/{i}", SOURCE)) for i in range(40)}
     assert run(payload) == []  # at-least-once: the replay is refused as duplicates, each record a no-op
     assert {r["accountid"] for r in sbx.records("accounts")} == first
 
@@ -109,14 +111,16 @@ def test_one_bad_record_among_500_is_dead_lettered_and_499_are_written(sandbox_e
     assert letter["reason"] == "dataverse_bad_request"
     assert "unexpected kind" in letter["detail"]
     assert letter["bulk"] == {"job": payload["id"], "index": 137, "records": 500}
-    assert letter["job"] == {
+    assert strip(letter["job"]) == {
         "id": f"{payload['id']}.137",
         "entity": "contacts",
         "operation": "upsert",
         "key": {"emailaddress1": "p00137@x.io"},
         "data": records[137]["data"],
         "actAs": {"email": "jane@contoso.com"},
+        "source": SOURCE,
     }
+    assert verify(letter["job"], [message_key(sbx)])  # signed by the app: replayable as is
     written = {r["emailaddress1"] for r in sbx.records("contacts")}
     assert len(written) == 499 and "p00137@x.io" not in written
     assert {r["_modifiedby_value"] for r in sbx.records("contacts")} == {user_id(sbx, "jane@contoso.com")}
@@ -131,7 +135,7 @@ def test_a_table_without_the_messages_falls_back_to_batch(sandbox_env: SandboxCl
     payload = bulk_job("leads", "create", records)
     (letter,) = run(payload)
     assert letter["bulk"]["index"] == 7 and letter["reason"] == "dataverse_bad_request"
-    assert letter["job"]["key"] == str(deterministic_id("leads", f"{payload['id']}/7"))  # replayable as is
+    assert letter["job"]["key"] == str(deterministic_id("leads", f"{payload['id']}/7", SOURCE))  # replayable
     leads = sbx.records("leads")
     assert len(leads) == 59
     assert {r["_createdby_value"] for r in leads} == {user_id(sbx, "jane@contoso.com")}

@@ -640,7 +640,7 @@ def test_sync_job_dead_letters_unauthenticated_messages(
 ) -> None:
     out = Out()
     function_app.sync_job(QueueMessage(id="m", body=json.dumps(payload).encode(), dequeue_count=1), out)
-    record = json.loads(out.value)
+    (record,) = [json.loads(text) for text in out.value]
     assert record["reason"] == "unauthenticated_message" and record["job"] == payload
     assert runtime.dataverse.calls == [] and runtime.attribution.verified == []
 
