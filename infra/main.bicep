@@ -83,6 +83,15 @@ param userCacheTtlSeconds string = '900'
 @description('USER_CACHE_NEGATIVE_TTL_SECONDS: how long "no such user" stays cached.')
 param userCacheNegativeTtlSeconds string = '60'
 
+@description('AUTHORIZATION_POLICY: the authorization policy as inline JSON; empty for none (docs/authorization.md).')
+param authorizationPolicy string = ''
+
+@description('AUTHORIZATION_POLICY_BLOB: <container>/<path> of the policy JSON in the app storage account, re-read every minute; empty for none.')
+param authorizationPolicyBlob string = ''
+
+@description('ALLOWED_ENTITY_SETS: entity sets jobs may write when no policy is set (the default policy).')
+param allowedEntitySets string = 'contacts,accounts'
+
 @secure()
 @description('Optional: the Dataverse client secret, written to Key Vault when given. `az keyvault secret set` after deployment keeps it out of deployment inputs.')
 param dataverseClientSecret string = ''
@@ -273,6 +282,9 @@ module functionApp 'modules/functionapp.bicep' = {
     jobDeadlineSeconds: jobDeadlineSeconds
     httpMaxWaitSeconds: httpMaxWaitSeconds
     userCacheNegativeTtlSeconds: userCacheNegativeTtlSeconds
+    authorizationPolicy: authorizationPolicy
+    authorizationPolicyBlob: authorizationPolicyBlob
+    allowedEntitySets: allowedEntitySets
   }
 }
 

@@ -26,3 +26,7 @@ param keyVaultAllowedIpAddresses = split(readEnvironmentVariable('KEY_VAULT_ALLO
 
 // Comma-separated addresses let through the storage firewall (tools/queuectl.py, roster uploads).
 param storageAllowedIpAddresses = split(readEnvironmentVariable('STORAGE_ALLOWED_IPS', ''), ',')
+
+// The authorization policy (docs/authorization.md): a blob path in the app's storage, or the default policy's tables.
+param authorizationPolicyBlob = readEnvironmentVariable('AUTHORIZATION_POLICY_BLOB', '')
+param allowedEntitySets = readEnvironmentVariable('ALLOWED_ENTITY_SETS', 'contacts,accounts')

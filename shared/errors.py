@@ -73,6 +73,15 @@ class ImpersonationNotApplied(SyncError):
     code = "impersonation_not_applied"
 
 
+class PolicyViolation(SyncError):
+    """The authorization policy of the job's source forbids it: ``forbidden_by_policy`` (permanent).
+
+    ``details`` lists ``{"field", "message"}`` entries, like InvalidJob, naming what the policy refused.
+    """
+
+    code = "forbidden_by_policy"
+
+
 class AuthError(SyncError):
     """Managed identity, Key Vault or Entra ID refused or failed.
 

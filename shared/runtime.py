@@ -1,4 +1,5 @@
-"""The per-instance objects, wired once: settings -> secrets -> tokens -> Dataverse -> users -> attribution.
+"""The per-instance objects, wired once: settings -> secrets -> tokens -> Dataverse -> users -> attribution
+-> authorization policy.
 
 Everything expensive to warm (the Key Vault secret, the token, the connection pool, the user
 cache) lives in these objects, so a warm Functions instance keeps them in one ``Runtime``,
@@ -13,6 +14,8 @@ from dataclasses import dataclass, field
 from shared import logs
 from shared.attribution import AttributionGuard
 from shared.dataverse import DataverseClient
+from shared.memberships import MembershipDirectory
+from shared.policy import Authorizer
 from shared.secrets import SecretStore
 from shared.settings import Settings, get_settings, reset_settings
 from shared.storage import BlobStore
@@ -28,6 +31,7 @@ class Runtime:
     dataverse: DataverseClient
     users: UserDirectory
     attribution: AttributionGuard
+    policy: Authorizer
     blobs: BlobStore = field(default_factory=BlobStore)  # AzureWebJobsStorage, at first use (claim-checks)
 
     @classmethod
@@ -39,7 +43,10 @@ class Runtime:
             dataverse, ttl=settings.user_cache_ttl, negative_ttl=settings.user_cache_negative_ttl
         )
         attribution = AttributionGuard(dataverse, ttl=settings.user_cache_ttl)
-        return cls(settings, secrets, tokens, dataverse, users, attribution)
+        memberships = MembershipDirectory(dataverse, ttl=settings.user_cache_ttl)
+        blobs = BlobStore()
+        policy = Authorizer(settings, users, memberships, blobs=blobs)
+        return cls(settings, secrets, tokens, dataverse, users, attribution, policy, blobs)
 
     def close(self) -> None:
         self.dataverse.close()

@@ -9,7 +9,10 @@ The checks run in an order chosen for what an unauthenticated caller can learn a
    that cannot sign.  The timestamp window is checked first (no Key Vault read for a stale replay);
    a Key Vault failure is 503 with its code, a missing setting 500 naming it;
 3. JSON (400 ``invalid_json``), shape, every job (400 ``invalid_job`` naming ``jobs[i].field``), and
-   each job's size as the exact text that will be enqueued (413 ``job_too_large``).
+   each job's size as the exact text that will be enqueued (413 ``job_too_large``);
+4. the source's authorization policy (403 ``forbidden_by_policy`` naming ``jobs[i].field``): tables,
+   operations, columns and who may be acted as (``shared.policy``) — last, because it may ask
+   Dataverse about the actors (cached per instance).
 
 All or nothing: ``messages`` is empty unless the status is 202.  Duplicate job ids inside one batch
 are refused, because the id is the idempotency key of keyless creates (see ``shared.jobs``).
@@ -22,12 +25,12 @@ import hmac
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from shared.errors import ConfigurationError, InvalidJob, SyncError
-from shared.jobs import MAX_JOB_BYTES, SOURCE, dumps, loads, parse_job, problems_message, text_size
+from shared.jobs import MAX_JOB_BYTES, SOURCE, Job, dumps, loads, parse_job, problems_message, text_size
 
 log = logging.getLogger("shared.webhooks")
 
@@ -38,6 +41,9 @@ SIGNATURE_HEADER = "X-Signature"
 _MAX_SIGNATURES = 8
 _TIMESTAMP = re.compile(r"[0-9]{1,12}")
 _HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
+
+
+Authorize = Callable[[str, Sequence[tuple[str, Job]]], list[dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -224,10 +230,15 @@ def _jobs_of(payload: object) -> tuple[list[object], bool] | WebhookResult:
     return [payload], False
 
 
-def _validate(jobs: list[object], batched: bool, source: str) -> tuple[list[str], list[str]] | WebhookResult:
+Checked = tuple[list[str], list[str], list[tuple[str, Job]]]
+"""(job ids, queue messages, (where, job) pairs for the authorization policy)."""
+
+
+def _validate(jobs: list[object], batched: bool, source: str) -> Checked | WebhookResult:
     """Every job checked, then stamped with the route's ``source`` (the scope of its idempotency key)."""
     details: list[dict[str, Any]] = []
     ids: list[str] = []
+    parsed: list[tuple[str, Job]] = []
     first_index: dict[str, int] = {}
     for index, obj in enumerate(jobs):
         where = f"jobs[{index}]" if batched else ""
@@ -245,6 +256,7 @@ def _validate(jobs: list[object], batched: bool, source: str) -> tuple[list[str]
                             "message": f"duplicates jobs[{first_index[job.id]}].id; ids must be unique"})
         first_index.setdefault(job.id, index)
         ids.append(job.id)
+        parsed.append((where, job))
     if details:
         return _fail(400, "invalid_job", problems_message(details), details)
 
@@ -256,7 +268,7 @@ def _validate(jobs: list[object], batched: bool, source: str) -> tuple[list[str]
     ]
     if too_large:
         return _fail(413, "job_too_large", f"a job may be at most {MAX_JOB_BYTES} bytes of JSON", too_large)
-    return ids, messages
+    return ids, messages, parsed
 
 
 def handle_webhook(
@@ -267,8 +279,13 @@ def handle_webhook(
     *,
     now: float | None = None,
     refresh_key: Callable[[str], str | None] | None = None,
+    authorize: Authorize | None = None,
 ) -> WebhookResult:
-    """``POST /api/webhooks/{source}``: 202 with one queue message per job, or an error and nothing."""
+    """``POST /api/webhooks/{source}``: 202 with one queue message per job, or an error and nothing.
+
+    ``authorize(source, [(where, job)])`` applies the source's authorization policy to the valid batch
+    and returns its refusals (``shared.policy.Authorizer.check_batch``): any -> 403 ``forbidden_by_policy``.
+    """
     if SOURCE.fullmatch(source or "") is None:
         return _fail(400, "invalid_source", "{source} in the URL must be 1-64 of A-Z a-z 0-9 . _ -")
     declared = declared_too_large(headers)
@@ -302,7 +319,12 @@ def handle_webhook(
         log.warning("source=%s webhook refused status=%d code=%s", source, checked.status,
                     checked.body["error"]["code"])
         return checked
-    ids, messages = checked
+    ids, messages, parsed = checked
+    if authorize is not None:
+        refused = authorize(source, parsed)
+        if refused:
+            log.warning("source=%s webhook refused status=403 code=forbidden_by_policy", source)
+            return _fail(403, "forbidden_by_policy", problems_message(refused), refused)
     for job_id in ids:
         log.info("source=%s job=%s accepted", source, job_id)
     return WebhookResult(202, {"accepted": len(ids), "ids": ids}, messages)

@@ -62,6 +62,15 @@ param jobDeadlineSeconds string
 param httpMaxWaitSeconds string
 param userCacheNegativeTtlSeconds string
 
+@description('AUTHORIZATION_POLICY: the authorization policy as inline JSON; empty for none (docs/authorization.md).')
+param authorizationPolicy string
+
+@description('AUTHORIZATION_POLICY_BLOB: <container>/<path> of the policy JSON in the app storage account; empty for none.')
+param authorizationPolicyBlob string
+
+@description('ALLOWED_ENTITY_SETS: entity sets jobs may write when no policy is set.')
+param allowedEntitySets string
+
 resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
   name: planName
   location: location
@@ -179,6 +188,18 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
         {
           name: 'USER_CACHE_NEGATIVE_TTL_SECONDS'
           value: userCacheNegativeTtlSeconds
+        }
+        {
+          name: 'AUTHORIZATION_POLICY'
+          value: authorizationPolicy
+        }
+        {
+          name: 'AUTHORIZATION_POLICY_BLOB'
+          value: authorizationPolicyBlob
+        }
+        {
+          name: 'ALLOWED_ENTITY_SETS'
+          value: allowedEntitySets
         }
         {
           name: 'AZURE_CLIENT_ID'
