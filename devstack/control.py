@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -368,6 +368,34 @@ def create_app(registry: Registry) -> Flask:
         _org_call(sandbox_or_404(sandbox_id), "remove_user", systemuserid)
         return ok()
 
+    @app.get("/sandboxes/<sandbox_id>/roles")
+    def list_roles(sandbox_id: str) -> Response:
+        return jsonify(_org_call(sandbox_or_404(sandbox_id), "roles_wire"))
+
+    @app.post("/sandboxes/<sandbox_id>/roles")
+    def add_role(sandbox_id: str) -> Response:
+        body = _body()
+        response = jsonify(_org_call(sandbox_or_404(sandbox_id), "add_role", body.get("name"),
+                                     body.get("roletemplateid")))
+        response.status_code = 201
+        return response
+
+    @app.put("/sandboxes/<sandbox_id>/users/<systemuserid>/roles")
+    def set_user_roles(sandbox_id: str, systemuserid: str) -> Response:
+        roles = _body().get("roles")
+        if not isinstance(roles, list):
+            raise _Problem(400, "roles must be a list of role ids")
+        return jsonify(_org_call(sandbox_or_404(sandbox_id), "set_user_roles", systemuserid, roles))
+
+    @app.post("/sandboxes/<sandbox_id>/teams")
+    def add_team(sandbox_id: str) -> Response:
+        body = _body()
+        team = _org_call(sandbox_or_404(sandbox_id), "add_team", body.get("name"), body.get("members") or [],
+                         body.get("roles") or [], int(body.get("teamtype") or 0))
+        response = jsonify(team)
+        response.status_code = 201
+        return response
+
     @app.get("/sandboxes/<sandbox_id>/records/<entity_set>")
     def records(sandbox_id: str, entity_set: str) -> Response:
         return jsonify(_org_call(sandbox_or_404(sandbox_id), "records", entity_set))
@@ -555,6 +583,31 @@ class SandboxClient:
 
     def remove_user(self, systemuserid: str) -> None:
         self._http.call("DELETE", self._path(f"/users/{systemuserid}"))
+
+    def roles(self) -> list[dict[str, Any]]:
+        """Security roles (``name``, ``roleid``, ``_roletemplateid_value``); System Administrator is seeded"""
+        result: list[dict[str, Any]] = self._http.call("GET", self._path("/roles"))
+        return result
+
+    def role_id(self, name: str) -> str:
+        return next(str(r["roleid"]) for r in self.roles() if r["name"] == name)
+
+    def add_role(self, name: str, *, roletemplateid: str | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = self._http.call("POST", self._path("/roles"),
+                                                 {"name": name, "roletemplateid": roletemplateid})
+        return result
+
+    def set_user_roles(self, systemuserid: str, roles: list[str]) -> list[str]:
+        result: list[str] = self._http.call("PUT", self._path(f"/users/{systemuserid}/roles"),
+                                            {"roles": roles})
+        return result
+
+    def add_team(
+        self, name: str, *, members: Sequence[str] = (), roles: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        body = {"name": name, "members": list(members), "roles": list(roles)}
+        result: dict[str, Any] = self._http.call("POST", self._path("/teams"), body)
+        return result
 
     def records(self, entity_set: str) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self._http.call("GET", self._path(f"/records/{entity_set}"))

@@ -16,7 +16,8 @@ in ``devstack.bulk`` (dispatched from ``_Request.dispatch``).
 Counters (per sandbox, ``dataverse``): ``<METHOD> <resource>`` and ``status:<code>`` per request,
 ``caller:CallerObjectId`` / ``caller:MSCRMCallerID`` per write that carried that header,
 ``impersonation:applied`` / ``impersonation:ignored``, ``cookie:ARRAffinity`` when a client sent
-the affinity cookie back.
+the affinity cookie back.  A ``systemusers(<id>)?$expand=`` retrieve (roles and teams,
+devstack/security.py) counts as ``GET systemusers $expand``, not as a ``GET systemusers`` lookup.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from urllib.parse import quote, unquote, urlsplit
 import jwt
 from flask import Flask, Response, request
 
-from devstack import odata, web
+from devstack import odata, security, web
 from devstack.sandboxes import DEFAULT_TENANT_ID, Registry, Sandbox
 
 SERVICE = "dataverse"
@@ -284,6 +285,7 @@ class Org:
         self._users: dict[str, dict[str, Any]] = {}
         self._ignore_impersonation: set[str] = set()
         self.tables: dict[str, Table] = {}
+        self.security = security.Security(self.business_unit_id, self._stable_id, version=self._next_version)
         self.add_entity("contacts", "contactid", [["emailaddress1"]])
         self.add_entity("accounts", "accountid", [["accountnumber"]])
         self.add_entity("leads", "leadid", [])
@@ -424,6 +426,28 @@ class Org:
     @staticmethod
     def _wire_user(user: Mapping[str, Any]) -> dict[str, Any]:
         return {k: user.get(k) for k in SYSTEMUSER_FIELDS}
+
+    # --- roles and teams (devstack/security.py) ------------------------------------------------------
+    def roles_wire(self) -> list[dict[str, Any]]:
+        return self.security.roles_wire()
+
+    def add_role(self, name: str, roletemplateid: str | None = None) -> dict[str, Any]:
+        return self.security.add_role(name, roletemplateid)
+
+    def set_user_roles(self, systemuserid: str, roles: list[str]) -> list[str]:
+        """The user's directly assigned roles (role ids) become exactly ``roles``."""
+        with self.lock:
+            if systemuserid.lower() not in self._users:
+                raise KeyError(systemuserid)
+        return self.security.set_user_roles(systemuserid, roles)
+
+    def add_team(self, name: str, members: list[str] | None = None, roles: list[str] | None = None,
+                 teamtype: int = 0) -> dict[str, Any]:
+        with self.lock:
+            unknown = [m for m in members or [] if m.lower() not in self._users]
+        if unknown:
+            raise KeyError(unknown[0])
+        return self.security.add_team(name, list(members or []), list(roles or []), teamtype)
 
     # --- tables ---------------------------------------------------------------------------------
     def add_entity(
@@ -837,10 +861,13 @@ class _Request:
         )
 
     def query(
-        self, known: set[str] | None, type_name: str, type_of: Callable[[str], str | None] | None = None
+        self, known: set[str] | None, type_name: str, type_of: Callable[[str], str | None] | None = None,
+        *, expand: bool = False,
     ) -> _Query:
         args = request.args
         for name in args:
+            if expand and name == "$expand":
+                continue  # the caller handles it (devstack/security.py)
             if name in (
                 "$orderby",
                 "$expand",
@@ -970,7 +997,8 @@ class _Request:
             raise DataverseError(
                 404, CODE_SEGMENT, f"Resource not found for the segment '{self.resource.rest}'."
             )
-        q = self.query(set(SYSTEMUSER_FIELDS), "Microsoft.Dynamics.CRM.systemuser", SYSTEMUSER_TYPES.get)
+        q = self.query(set(SYSTEMUSER_FIELDS), "Microsoft.Dynamics.CRM.systemuser", SYSTEMUSER_TYPES.get,
+                       expand=self.resource.key is not None)
         rows = self.org.user_rows()
         if self.resource.key is None:
             return self.collection(rows, q, "systemuserid", "systemusers")
@@ -986,7 +1014,24 @@ class _Request:
         user = next((u for u in rows if u["systemuserid"] == key), None)
         if user is None:
             raise DataverseError(404, CODE_NOT_FOUND, f"systemuser With Id = {key} Does Not Exist")
+        if "$expand" in request.args:
+            return self.expanded_user(user, q.select, request.args["$expand"])
         return self.single(user, q.select, "systemuserid", "systemusers")
+
+    def expanded_user(self, user: Mapping[str, Any], select: list[str] | None, text: str) -> Response:
+        """A user with its roles / teams (``devstack/security.py``): the one ``$expand`` the app sends."""
+        try:
+            items = security.parse_expand(text)
+        except security.ExpandError as err:
+            if err.status == 501:
+                raise self.not_supported(err.message) from None
+            raise DataverseError(err.status, CODE_ODATA, err.message) from None
+        body = {
+            "@odata.context": self.context(f"systemusers{security.context_columns(select, items)}/$entity"),
+            **self.shape(user, select, "systemuserid"),
+            **self.org.security.expand("systemuser", str(user["systemuserid"]), items),
+        }
+        return _json(200, body, {"ETag": _etag(user)})
 
     def parse_key(self, text: str) -> str | dict[str, odata.Value]:
         try:
@@ -1446,7 +1491,9 @@ def create_app(registry: Registry) -> Flask:
             return _common_headers(_unauthorized(tenant if tenant else None, audience()), None)
         web.bind(sandbox, SERVICE)
         org: Org = sandbox.org
-        sandbox.counters.count(SERVICE, f"{request.method} {resource_name}")
+        expanded = resource_name == "systemusers" and "$expand" in request.args
+        # a user's roles/teams read is counted apart, so "GET systemusers" stays "user lookups"
+        sandbox.counters.count(SERVICE, f"{request.method} {resource_name}{' $expand' if expanded else ''}")
         if request.method in WRITE_METHODS:
             for header in CALLER_HEADERS:
                 if header in request.headers:

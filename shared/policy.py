@@ -563,8 +563,7 @@ class Authorizer:
             return  # acting as the application user was checked by check_job
         check_eligible(actor)
         problem = actor_problem(
-            self.policy(), job.source, actor,
-            lambda: self._memberships.of(actor.systemuserid, correlation_id=correlation_id),
+            self.policy(), job.source, actor, self._membership_of(actor.systemuserid, correlation_id)
         )
         if problem is not None:
             raise violation([("actAs", problem)])
@@ -572,8 +571,10 @@ class Authorizer:
     def check_batch(self, source: str, jobs: Sequence[tuple[str, JobLike]]) -> list[dict[str, Any]]:
         """The webhook's check of a validated batch: every refusal as ``{"field", "message"}`` (empty: ok).
 
-        An actor that is not found (or is ambiguous) is left to ``sync_job``, which dead-letters it with
-        its own reason, as before; a disabled, application or non-interactive one is refused here.
+        The policy's refusals only.  The actor's own state — not found, ambiguous, disabled, an
+        application or non-interactive user — is left to ``sync_job``, which dead-letters the job with
+        that reason as before: it can change between now and the write, and one such job must not
+        block the rest of a batch.  Nothing is ever written for them either way.
         """
         policy = self.policy()
         details: list[dict[str, Any]] = []
@@ -584,19 +585,16 @@ class Authorizer:
                 continue
             try:
                 actor = self._users.resolve(job.act_as, correlation_id="webhook")
+                if actor.is_disabled:
+                    continue
+                check_eligible(actor)
             except ActorError:
                 continue
-            problem = self._actor_refusal(policy, source, actor)
+            problem = actor_problem(policy, source, actor, self._membership_of(actor.systemuserid, "webhook"))
             if problem is not None:
                 details.extend(_fields([("actAs", problem)], where))
         return details
 
-    def _actor_refusal(self, policy: Policy, source: str, actor: SystemUser) -> str | None:
-        if actor.is_disabled:
-            return f"user {actor.systemuserid} is disabled in Dataverse"
-        try:
-            check_eligible(actor)
-        except ActorError as exc:
-            return exc.message
-        return actor_problem(policy, source, actor,
-                             lambda: self._memberships.of(actor.systemuserid, correlation_id="webhook"))
+    def _membership_of(self, systemuserid: str, correlation_id: str | None) -> Callable[[], Membership]:
+        """Deferred: a user the policy names one by one is allowed without asking Dataverse."""
+        return lambda: self._memberships.of(systemuserid, correlation_id=correlation_id)
