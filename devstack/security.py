@@ -32,6 +32,7 @@ NAVIGATION = {
 }
 FIELDS = {"role": ROLE_FIELDS, "team": TEAM_FIELDS}
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_OTHER_OPTIONS = ("$filter", "$top", "$orderby", "$skip", "$count", "$levels", "$search", "$compute")
 
 
 class ExpandError(Exception):
@@ -87,9 +88,11 @@ def _items(text: str, at: int, entity: str) -> tuple[tuple[Expand, ...], int]:
                     at = end
                 elif option == "$expand":
                     inner, at = _items(text, at + len("$expand="), target)
-                else:
-                    raise ExpandError(501, f"The $expand option {option[:40]!r} is not implemented by the "
+                elif option in _OTHER_OPTIONS:
+                    raise ExpandError(501, f"The $expand option {option} is not implemented by the "
                                            "devstack Dataverse emulator.")
+                else:
+                    raise ExpandError(400, f"Syntax error at position {at} in '{text}'.")
                 if at < len(text) and text[at] == ";":
                     at += 1
                     continue
