@@ -365,6 +365,13 @@ FIXES: dict[str, str] = {
                              "as a person instead.",
     "actor_application_user": "That user is an application user; omit actAs to write as the application "
                               "user itself, or act as a person.",
+    "forbidden_by_policy": (
+        "The authorization policy of the job's source refuses it (the detail names the field): change the "
+        "job, or the policy (AUTHORIZATION_POLICY / AUTHORIZATION_POLICY_BLOB, see docs/authorization.md) "
+        "and send the job again (queuectl send)."
+    ),
+    "policy_unavailable": "The authorization policy blob (AUTHORIZATION_POLICY_BLOB) could not be read; it "
+                          "is retried. Check the app's storage account and its network path.",
     "impersonation_not_applied": (
         "Dataverse ignored the caller header and ran the request as the application user: the impersonated "
         "user is unknown to Dataverse or cannot be impersonated (check the user is enabled and has a "
