@@ -447,3 +447,15 @@ def test_the_webhook_refuses_the_whole_batch_naming_each_field() -> None:
     # nobody@: not found is sync_job's to dead-letter (actor_not_found), as before
     assert [d["field"] for d in result.body["error"]["details"]] == ["jobs[1].actAs", "jobs[2].entity"]
     assert post(runtime, [good]).status == 202
+
+
+def test_the_webhook_looks_each_distinct_actor_up_once_and_reports_in_batch_order() -> None:
+    people = [user(f"p{n}@contoso.com") for n in range(12)]
+    admins = {people[2].systemuserid, people[11].systemuserid}
+    users = FakeUsers(people)
+    memberships = FakeMemberships({uid: Membership(uid, (ADMIN_ROLE,), ()) for uid in admins})
+    runtime = FakeRuntime(users=users, memberships=memberships)
+    batch = [a_job(source=None, id=f"j-{n}", actAs={"email": f"p{n % 12}@contoso.com"}) for n in range(24)]
+    refused = runtime.policy.check_batch("crm", [(f"jobs[{n}]", job) for n, job in enumerate(batch)])
+    assert [d["field"] for d in refused] == [f"jobs[{n}].actAs" for n in (2, 11, 14, 23)]
+    assert len(users.resolved) == 12 and memberships.queries == 12
