@@ -413,9 +413,15 @@ def job_problems(policy: Policy, job: JobLike, source: str | None) -> list[Probl
     if job.operation not in entity.operations:
         allowed = ", ".join(o for o in OPERATIONS if o in entity.operations)
         found.append(("operation", f"{label} may not {job.operation} {job.entity} (allowed: {allowed})"))
-    for name in job.data or {}:
+    for name, value in (job.data or {}).items():
         column, at, annotation = name.partition("@")
-        if at and annotation == "odata.bind" and not entity.bind:
+        if isinstance(value, dict | list):
+            # a deep insert: Dataverse creates (or links) records in the navigation property's table, which
+            # would reach tables this policy — or the deny list — never allowed
+            found.append((f"data.{name}", "an object or array value is a deep insert of related records, "
+                                          "which no job may do: write each record with its own job and "
+                                          "link existing ones with @odata.bind"))
+        elif at and annotation == "odata.bind" and not entity.bind:
             found.append((f"data.{name}", f"{label} may not set @odata.bind lookups on {job.entity}"))
         elif entity.columns is not None and column not in entity.columns:
             shown = column or name

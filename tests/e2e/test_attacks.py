@@ -101,6 +101,8 @@ def policy_attacks(jane_id: str) -> list[tuple[str, dict[str, Any], str]]:
         ("crm", create("p-column", "jane@contoso.com", description="not allowed"), "data.description"),
         ("crm", create("p-bind", "jane@contoso.com", **{"parentcustomerid_account@odata.bind": ACCOUNT}),
          "data.parentcustomerid_account@odata.bind"),
+        ("crm", create("p-deep", "jane@contoso.com", parentcustomerid_account={"name": "Deep insert"}),
+         "data.parentcustomerid_account"),  # would create an account: a table crm may not write
     ]
 
 

@@ -206,6 +206,14 @@ def test_job_problems_name_the_refused_field() -> None:
     assert fields_of(job_problems(no_default, a_job(), "erp")) == ["source"]
 
 
+@pytest.mark.parametrize("value", [{"name": "Contoso"}, [{"subject": "x"}], []])
+def test_a_deep_insert_is_refused_whatever_the_policy(value: object) -> None:
+    rules = parse_policy(json.dumps({"default": {"entities": {"contacts": {**ANYTHING, "bind": True}},
+                                                 "actAs": {"anyPerson": True}}}))
+    deep = a_job(data={"firstname": "A", "parentcustomerid_account": value})
+    assert fields_of(job_problems(rules, deep, "crm")) == ["data.parentcustomerid_account"]
+
+
 def test_binds_are_refused_unless_the_entity_allows_them() -> None:
     rules = parse_policy(json.dumps({"default": {"entities": {"contacts": ANYTHING},
                                                  "actAs": {"anyPerson": True}}}))
