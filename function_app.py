@@ -121,7 +121,8 @@ def _reread_webhook_key(stale: str) -> str | None:
 
 def _authorize(source: str, jobs: "Sequence[tuple[str, Job]]") -> "list[dict[str, Any]]":
     """The source's authorization policy applied to a valid batch (refusals; empty: all allowed)."""
-    refused: list[dict[str, Any]] = _runtime().policy.check_batch(source, jobs)
+    with _http_wait_limit():  # it may look actors up: throttling past the limit is a 503, not a wait
+        refused: list[dict[str, Any]] = _runtime().policy.check_batch(source, jobs)
     return refused
 
 

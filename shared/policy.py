@@ -22,6 +22,7 @@ by one under ``actAs.users``.  The full schema is in docs/authorization.md.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import re
@@ -604,8 +605,11 @@ class Authorizer:
         distinct = list(dict.fromkeys(actor for _, actor in acting))
         if len(distinct) > 1:
             with ThreadPoolExecutor(max_workers=min(WEBHOOK_LOOKUP_CONCURRENCY, len(distinct))) as pool:
-                answers = pool.map(lambda actor: self._refusal(policy, source, dict(actor)), distinct)
-                verdicts = dict(zip(distinct, answers, strict=True))
+                # each task in a copy of this thread's context: the HTTP wait limit (shared.deadline)
+                # travels in a context variable, which pool threads would not otherwise see
+                futures = [pool.submit(contextvars.copy_context().run, self._refusal, policy, source, dict(a))
+                           for a in distinct]
+                verdicts = {actor: future.result() for actor, future in zip(distinct, futures, strict=True)}
         else:
             verdicts = {actor: self._refusal(policy, source, dict(actor)) for actor in distinct}
         for where, actor in acting:

@@ -36,6 +36,7 @@ param appContainerNames array = [
   'webhook-replay' // the webhook's replay window (shared/replay.py)
   'dataverse-throttle' // the deployment-wide Dataverse throttle (shared/throttle.py)
   'bulk-records' // bulk jobs' claim-check blobs ("recordsBlob": "bulk-records/<path>", docs/bulk.md)
+  'config' // the authorization policy blob, AUTHORIZATION_POLICY_BLOB=config/<name>.json (shared/policy.py)
 ]
 
 @description('Subnet admitted through its Microsoft.Storage service endpoint; the account then denies every other network. Empty: no virtual network, the account accepts every network (still Entra RBAC only).')
