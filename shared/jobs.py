@@ -733,8 +733,11 @@ def run_bulk_job(job: Job, runtime: Runtime) -> tuple[BulkReport, list[dict[str,
     """
     from shared.bulk import BulkRecord, write_bulk
 
+    runtime.policy.check_job(job)  # the table, operation and inline records, before the blob is read
     records = bulk_records(job, runtime)
+    runtime.policy.check_job(job, records)  # every record, before any Dataverse request
     actor = resolve_actor(job, runtime)
+    runtime.policy.check_actor(job, actor, correlation_id=job.id)
     caller = actor.caller() if actor is not None else None
     if actor is not None:
         runtime.attribution.verify(actor, correlation_id=job.id)

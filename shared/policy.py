@@ -396,8 +396,14 @@ def _source_label(source: str | None) -> str:
     return f"source {source!r}" if source is not None else "messages without a source"
 
 
-def job_problems(policy: Policy, job: JobLike, source: str | None) -> list[Problem]:
-    """What the policy refuses in the job itself (no request needed): table, operation, columns, actAs."""
+def job_problems(
+    policy: Policy, job: JobLike, source: str | None, records: Sequence[Mapping[str, Any]] | None = None
+) -> list[Problem]:
+    """What the policy refuses in the job itself (no request needed): table, operation, columns, actAs.
+
+    A bulk job's records are checked one by one (``records[i].data.<column>``): its inline ``records``,
+    or ``records`` read from its claim-check blob (``recordsBlob[i]...``), which only ``sync_job`` has.
+    """
     problem = check_entity_set(job.entity)
     if problem is not None:
         return [("entity", problem)]
@@ -414,27 +420,53 @@ def job_problems(policy: Policy, job: JobLike, source: str | None) -> list[Probl
     if job.operation not in entity.operations:
         allowed = ", ".join(o for o in OPERATIONS if o in entity.operations)
         found.append(("operation", f"{label} may not {job.operation} {job.entity} (allowed: {allowed})"))
-    for name, value in (job.data or {}).items():
+    for prefix, key, data in _writes(job, records):
+        found.extend(_record_problems(entity, job, label, prefix, key, data))
+    if job.act_as is None and not rule.act_as.application:
+        found.append(("actAs", f"is required: {label} may not write as the application user"))
+    return found
+
+
+def _writes(
+    job: JobLike, records: Sequence[Mapping[str, Any]] | None
+) -> list[tuple[str, object, object]]:
+    """(field prefix, key, data) of every record the job writes."""
+    inline = getattr(job, "records", None)
+    if records is None and inline is not None:
+        records, where = inline, "records"
+    else:
+        where = "recordsBlob" if getattr(job, "records_blob", None) else "records"
+    if records is None:
+        return [("", job.key, job.data)]
+    return [(f"{where}[{index}].", record.get("key"), record.get("data"))
+            for index, record in enumerate(records)]
+
+
+def _record_problems(
+    entity: EntityRule, job: JobLike, label: str, prefix: str, key: object, data: object
+) -> list[Problem]:
+    found: list[Problem] = []
+    for name, value in (data.items() if isinstance(data, dict) else ()):
         column, at, annotation = name.partition("@")
         if isinstance(value, dict | list):
             # a deep insert: Dataverse creates (or links) records in the navigation property's table, which
             # would reach tables this policy — or the deny list — never allowed
-            found.append((f"data.{name}", "an object or array value is a deep insert of related records, "
-                                          "which no job may do: write each record with its own job and "
-                                          "link existing ones with @odata.bind"))
+            found.append((f"{prefix}data.{name}", "an object or array value is a deep insert of related "
+                                                  "records, which no job may do: write each record with its "
+                                                  "own job and link existing ones with @odata.bind"))
         elif at and annotation == "odata.bind" and not entity.bind:
-            found.append((f"data.{name}", f"{label} may not set @odata.bind lookups on {job.entity}"))
+            refusal = f"{label} may not set @odata.bind lookups on {job.entity}"
+            found.append((f"{prefix}data.{name}", refusal))
         elif entity.columns is not None and column not in entity.columns:
             shown = column or name
-            found.append((f"data.{name}", f"{label} may not write the column {shown} of {job.entity}"))
-    if isinstance(job.key, dict) and job.operation in ("create", "upsert") and entity.columns is not None:
+            refusal = f"{label} may not write the column {shown} of {job.entity}"
+            found.append((f"{prefix}data.{name}", refusal))
+    if isinstance(key, dict) and job.operation in ("create", "upsert") and entity.columns is not None:
         # a keyed create/upsert writes the key's values into the new record
         found.extend(
-            (f"key.{name}", f"{label} may not write the column {name} of {job.entity}")
-            for name in job.key if name not in entity.columns
+            (f"{prefix}key.{name}", f"{label} may not write the column {name} of {job.entity}")
+            for name in key if name not in entity.columns
         )
-    if job.act_as is None and not rule.act_as.application:
-        found.append(("actAs", f"is required: {label} may not write as the application user"))
     return found
 
 
@@ -565,9 +597,10 @@ class Authorizer:
         return data
 
     # --- the checks ---
-    def check_job(self, job: JobLike) -> None:
-        """Before anything is asked of Dataverse for the job: PolicyViolation if its shape is refused."""
-        problems = job_problems(self.policy(), job, job.source)
+    def check_job(self, job: JobLike, records: Sequence[Mapping[str, Any]] | None = None) -> None:
+        """Before anything is asked of Dataverse for the job: PolicyViolation if its shape is refused.
+        ``records``: a bulk job's records read from its claim-check blob."""
+        problems = job_problems(self.policy(), job, job.source, records)
         if problems:
             raise violation(problems)
 

@@ -45,7 +45,8 @@ def job(actor: str, **overrides: Any) -> dict[str, Any]:
 
 def reason(out: Out) -> str:
     assert out.was_set, "expected a dead-letter record"
-    return str(json.loads(out.value)["reason"])
+    (text,) = out.value  # one record per job (a bulk job refused by the policy is one record too)
+    return str(json.loads(text)["reason"])
 
 
 def uid(sbx: SandboxClient, email: str) -> str:
@@ -169,6 +170,28 @@ def test_the_policy_is_read_from_a_blob_in_the_apps_storage(
         assert len(sandbox_env.records("leads")) == 1 and sandbox_env.records("contacts") == []
     finally:
         service.delete_container(container)
+
+
+def test_a_bulk_job_is_refused_whole_when_one_record_breaks_the_policy(
+    sandbox_env: SandboxClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sbx = sandbox_env
+    use_policy(monkeypatch, {"default": {
+        "entities": {"contacts": {"operations": "*", "columns": ["firstname", "lastname", "emailaddress1"]}},
+        "actAs": {"anyPerson": True}}})
+    records = [{"key": {"emailaddress1": f"r{n}@example.com"}, "data": {"firstname": f"R{n}"}}
+               for n in range(3)]
+    records[2]["data"]["description"] = "not allowed"
+    payload = {"id": "pol-bulk", "entity": "contacts", "operation": "upsert", "records": records,
+               "actAs": {"email": "jane@contoso.com"}, "source": "crm"}
+    out = run(payload)
+    assert reason(out) == "forbidden_by_policy"
+    (text,) = out.value
+    assert "records[2].data.description" in json.loads(text)["detail"]
+    assert sbx.records("contacts") == [] and count(sbx, "GET WhoAmI") == 0
+    del records[2]["data"]["description"]
+    assert not run({**payload, "id": "pol-bulk-2"}).was_set
+    assert len(sbx.records("contacts")) == 3
 
 
 def lookup(email: str, *, admin: bool = False) -> func.HttpResponse:

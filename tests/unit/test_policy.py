@@ -467,3 +467,36 @@ def test_the_webhook_looks_each_distinct_actor_up_once_and_reports_in_batch_orde
     refused = runtime.policy.check_batch("crm", [(f"jobs[{n}]", job) for n, job in enumerate(batch)])
     assert [d["field"] for d in refused] == [f"jobs[{n}].actAs" for n in (2, 11, 14, 23)]
     assert len(users.resolved) == 12 and memberships.queries == 12
+
+
+# --- bulk jobs: every record is checked --------------------------------------------------------------
+
+
+def bulk(source: str | None = "crm", **fields: Any) -> jobs.Job:
+    base: dict[str, Any] = {"id": "b-1", "entity": "contacts", "operation": "upsert",
+                            "records": [{"key": {"emailaddress1": "a@x.com"}, "data": {"firstname": "A"}},
+                                        {"key": {"emailaddress1": "b@x.com"}, "data": {"description": "B"}}],
+                            "actAs": {"email": "jane@contoso.com"}}
+    base.update(fields)
+    if source is not None:
+        base["source"] = source
+    return parse_job(base)
+
+
+def test_every_record_of_a_bulk_job_is_checked() -> None:
+    rules = parsed()
+    assert fields_of(job_problems(rules, bulk(), "crm")) == ["records[1].data.description"]
+    assert fields_of(job_problems(rules, bulk(entity="systemusers"), "crm")) == ["entity"]
+    claim = parse_job(
+        {"id": "b-2", "entity": "contacts", "operation": "upsert", "recordsBlob": "bulk-records/b.json",
+         "actAs": {"email": "jane@contoso.com"}, "source": "crm"})
+    assert job_problems(rules, claim, "crm") == []  # the webhook cannot see a claim-check's records
+    read = [{"key": {"emailaddress1": "a@x.com"}, "data": {"firstname": "A", "ownerid@odata.bind": "/x(1)"}}]
+    assert fields_of(job_problems(rules, claim, "crm", read)) == ["recordsBlob[0].data.ownerid@odata.bind"]
+
+
+def test_the_webhook_refuses_a_bulk_record_the_policy_forbids() -> None:
+    runtime = admin_runtime(authorization_policy=json.dumps(EXAMPLE))
+    result = post(runtime, [{k: v for k, v in bulk(source=None).raw.items()}])
+    assert result.status == 403
+    assert [d["field"] for d in result.body["error"]["details"]] == ["jobs[0].records[1].data.description"]
