@@ -294,8 +294,6 @@ def start_host(stack: StackProcess, sbx: SandboxClient,
         "AzureWebJobsStorage": stack.stack.azurite["connection_string"],
         "SYNC_QUEUE_NAME": QUEUE,
         "DATAVERSE_TIMEOUT_SECONDS": str(CLIENT_TIMEOUT_SECONDS),
-        # the default authorization policy allows contacts,accounts; the soak's down table must pass it
-        "ALLOWED_ENTITY_SETS": f"contacts,accounts,{DOWN_TABLE}",
     }
     log = open(log_path, "wb")  # noqa: SIM115 (closed after the host exits)
     process = spawn(  # dies with the soak

@@ -90,7 +90,7 @@ param authorizationPolicy string = ''
 param authorizationPolicyBlob string = ''
 
 @description('ALLOWED_ENTITY_SETS: entity sets jobs may write when no policy is set (the default policy).')
-param allowedEntitySets string = 'contacts,accounts'
+param allowedEntitySets string = 'contacts,accounts,leads'
 
 @secure()
 @description('Optional: the Dataverse client secret, written to Key Vault when given. `az keyvault secret set` after deployment keeps it out of deployment inputs.')

@@ -29,4 +29,4 @@ param storageAllowedIpAddresses = split(readEnvironmentVariable('STORAGE_ALLOWED
 
 // The authorization policy (docs/authorization.md): a blob path in the app's storage, or the default policy's tables.
 param authorizationPolicyBlob = readEnvironmentVariable('AUTHORIZATION_POLICY_BLOB', '')
-param allowedEntitySets = readEnvironmentVariable('ALLOWED_ENTITY_SETS', 'contacts,accounts')
+param allowedEntitySets = readEnvironmentVariable('ALLOWED_ENTITY_SETS', 'contacts,accounts,leads')

@@ -79,7 +79,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "<container>/<path> of the policy JSON in the app's storage, re-read every minute; empty: none",
     ),
     SettingSpec(
-        "ALLOWED_ENTITY_SETS", "contacts,accounts",
+        "ALLOWED_ENTITY_SETS", "contacts,accounts,leads",
         "Entity sets jobs may write when no policy is set (the default policy)",
     ),
     SettingSpec(
@@ -224,7 +224,7 @@ class Settings:
     http_max_wait_seconds: float = 5.0
     authorization_policy: str = ""
     authorization_policy_blob: str = ""
-    allowed_entity_sets: str = "contacts,accounts"
+    allowed_entity_sets: str = "contacts,accounts,leads"
 
     @property
     def api_base(self) -> str:

@@ -411,7 +411,7 @@ def admin_runtime(**settings: str) -> FakeRuntime:
         ({"actAs": {"email": "admin@contoso.com"}}, "actAs"),
         ({"entity": "systemusers", "operation": "update", "key": JANE.systemuserid,
           "data": {"isdisabled": False}}, "entity"),
-        ({"entity": "leads"}, "entity"),
+        ({"entity": "opportunities"}, "entity"),
         ({"data": {"ownerid@odata.bind": f"/systemusers({ADMIN.systemuserid})"}}, "data.ownerid@odata.bind"),
     ],
 )
