@@ -54,6 +54,7 @@ HOST_SETTINGS = {
     "AzureWebJobsStorage__tableServiceUri",
     "APPLICATIONINSIGHTS_CONNECTION_STRING",
     "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
+    "PYTHON_THREADPOOL_THREAD_COUNT",  # the Python worker's
 }
 # Rejected or meaningless on Flex Consumption, or a shared-key connection string.
 FORBIDDEN_SETTINGS = {
@@ -650,6 +651,30 @@ def credential_modes(infra: Infra) -> None:
     assert main.variables["federatedIssuer"] == issuer
 
 
+# Threads beyond the queue trigger's concurrency: HTTP requests and the reconciliation timer.
+HTTP_HEADROOM_THREADS = 4
+
+
+def worker_threads(infra: Infra) -> None:
+    """Every invocation the host dispatches gets a worker thread at once.
+
+    functionTimeout counts from dispatch; a job's deadline (shared.deadline) from the moment a Python
+    worker thread runs it.  With fewer threads than the queue concurrency (batchSize + newBatchThreshold
+    per instance) invocations queue inside the worker, the deadline starts late and a job can outlive
+    functionTimeout (the host gives up on it and the message is redelivered while it still runs).
+    """
+    queues = json.loads((infra.root.parent / "host.json").read_text())["extensions"]["queues"]
+    concurrency = int(queues["batchSize"]) + int(queues["newBatchThreshold"])
+    value = app_settings_of(infra).get("PYTHON_THREADPOOL_THREAD_COUNT")
+    assert isinstance(value, str) and value.isdigit(), "PYTHON_THREADPOOL_THREAD_COUNT: a literal count"
+    assert int(value) >= concurrency + HTTP_HEADROOM_THREADS, (
+        f"PYTHON_THREADPOOL_THREAD_COUNT {value} < queue concurrency {concurrency} + {HTTP_HEADROOM_THREADS}"
+    )
+    # the local host runs with the same pool (local.settings.example.json, devstack's demo settings)
+    example = json.loads((infra.root.parent / "local.settings.example.json").read_text())["Values"]
+    assert example.get("PYTHON_THREADPOOL_THREAD_COUNT") == value, "local.settings.example.json differs"
+
+
 ALL: dict[str, Callable[[Infra], None]] = {
     "storage": storage,
     "storage_network": storage_network,
@@ -664,4 +689,5 @@ ALL: dict[str, Callable[[Infra], None]] = {
     "secrets_stay_in_key_vault": secrets_stay_in_key_vault,
     "outputs_for_azd": outputs_for_azd,
     "credential_modes": credential_modes,
+    "worker_threads": worker_threads,
 }

@@ -52,6 +52,7 @@ OWNER = "8e3af657-a8ff-443c-a75c-2fe8c4bcb635"
 
 # (file, text to find exactly once, replacement, the check that must then fail)
 MUTATIONS = [
+    ("modules/functionapp.bicep", "value: '32'", "value: '8'", "worker_threads"),
     ("modules/storage.bicep", "allowSharedKeyAccess: false", "allowSharedKeyAccess: true", "storage"),
     ("modules/storage.bicep", "allowBlobPublicAccess: false", "allowBlobPublicAccess: true", "storage"),
     ("modules/storage.bicep", "minimumTlsVersion: 'TLS1_2'", "minimumTlsVersion: 'TLS1_0'", "storage"),
