@@ -214,6 +214,7 @@ module rbac 'modules/rbac.bicep' = {
     identityPrincipalId: identity.outputs.principalId
     deployerPrincipalId: principalId
     deployerPrincipalType: principalType
+    dataverseCredential: dataverseCredential
     storageAccountName: storage.outputs.name
     blobContainerNames: storage.outputs.blobContainerNames
     keyVaultName: keyVault.outputs.name

@@ -17,6 +17,7 @@ from tests.infra.bicep import Infra, Template, accessor_chain, call, identifiers
 ROLES = {
     "Key Vault Secrets User": "4633458b-17de-408a-b874-0445c86b69e6",
     "Key Vault Secrets Officer": "b86a8fe4-44ce-4948-aee5-eccb2c155cd7",
+    "Key Vault Certificates Officer": "a4417e6f-fecd-4de8-b567-7b0420556985",
     "Storage Blob Data Owner": "b7e6dc6d-f1e8-4753-8033-0f276bb0955b",
     "Storage Blob Data Contributor": "ba92f5b4-2d11-453d-a403-e96b0029c9fe",
     "Storage Queue Data Contributor": "974c5e8b-45b9-4653-ba55-5f855dd0fb88",
@@ -41,6 +42,7 @@ APP_IDENTITY_ROLES = {
 }
 DEPLOYER_ROLES = {
     (ROLES["Key Vault Secrets Officer"], VAULT),
+    (ROLES["Key Vault Certificates Officer"], VAULT),  # certificate mode only: create/import the certificate
     (ROLES["Storage Blob Data Contributor"], STORAGE),
     (ROLES["Storage Queue Data Contributor"], STORAGE),
 }
@@ -434,6 +436,11 @@ def role_assignments(infra: Infra) -> None:
                 f"{where}: only when a deployer principal is given"
             )
             deployer_roles.add((str(role), scope.type))
+            if role == ROLES["Key Vault Certificates Officer"]:
+                assert _and_terms(assignment.condition)[0] == {
+                    "operator": {"type": "equals",
+                                 "operands": {"operand_1": "dataverseCredential", "operand_2": "certificate"}}
+                }, f"{where}: only in certificate mode"
         else:
             raise AssertionError(f"{where}: unexpected principal {principal!r}")
     assert app_roles == APP_IDENTITY_ROLES, (
@@ -450,6 +457,7 @@ def role_assignments(infra: Infra) -> None:
     assert _main_source(infra, "rbac", "deployerPrincipalId") == "principalId"
     assert infra.main.default("principalId") == ""
     assert _main_source(infra, "rbac", "deployerPrincipalType") == "principalType"
+    assert _main_source(infra, "rbac", "dataverseCredential") == "dataverseCredential"
     assert infra.main.default("principalType") == "User"
     for param, module, output in (
         ("storageAccountName", "storage", "name"),
@@ -469,6 +477,14 @@ def role_assignments(infra: Infra) -> None:
     assert containers.loop is not None and containers.loop["detail"]["array_name"] == "blobContainerNames"
     assert containers.get("name") == containers.loop["detail"]["item_name"]
     assert t.symbol(t.symbol(containers.get("parent")).get("parent")).type == STORAGE
+
+
+def _and_terms(condition: object) -> list[object]:
+    """The operands of ``a && b`` (one term when it is not an and)."""
+    operator = condition.get("operator") if isinstance(condition, Mapping) else None
+    if isinstance(operator, Mapping) and operator.get("type") == "and":
+        return [operator["operands"]["operand_1"], operator["operands"]["operand_2"]]
+    return [condition]
 
 
 def _looped_scope(t: Template, assignment: Any, scope: object, guid_base: object, where: str) -> str:

@@ -52,6 +52,18 @@ OWNER = "8e3af657-a8ff-443c-a75c-2fe8c4bcb635"
 
 # (file, text to find exactly once, replacement, the check that must then fail)
 MUTATIONS = [
+    (
+        "modules/rbac.bicep",
+        "if ((dataverseCredential == 'certificate') && !empty(deployerPrincipalId))",
+        "if (!empty(deployerPrincipalId))",
+        "role_assignments",
+    ),
+    (
+        "main.bicep",
+        "    dataverseCredential: dataverseCredential\n    storageAccountName",
+        "    storageAccountName",
+        "role_assignments",
+    ),
     ("modules/functionapp.bicep", "value: '32'", "value: '8'", "worker_threads"),
     ("modules/storage.bicep", "allowSharedKeyAccess: false", "allowSharedKeyAccess: true", "storage"),
     ("modules/storage.bicep", "allowBlobPublicAccess: false", "allowBlobPublicAccess: true", "storage"),
