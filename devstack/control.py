@@ -278,6 +278,16 @@ def create_app(registry: Registry) -> Flask:
         response.status_code = 201
         return response
 
+    @app.put("/sandboxes/<sandbox_id>/federation-errors")
+    def set_federation_errors(sandbox_id: str) -> Response:
+        sandbox = sandbox_or_404(sandbox_id)
+        style = _body().get("style")
+        if style not in ("current", "legacy"):
+            raise _Problem(400, "style must be current or legacy")
+        with sandbox.lock:
+            sandbox.federation_errors = str(style)
+        return ok()
+
     @app.delete("/sandboxes/<sandbox_id>/federated-credentials")
     def remove_federated_credentials(sandbox_id: str) -> Response:
         sandbox_or_404(sandbox_id).remove_federated_credentials()
@@ -492,6 +502,11 @@ class SandboxClient:
         self.info = dict(view)
         self.env = dict(view["env"])
         return self.env
+
+    def set_federation_errors(self, style: str) -> None:
+        """How Entra refuses an unmatched federated assertion: "current" (401, AADSTS700211/2/3, the
+        default) or "legacy" (400 invalid_request, AADSTS70021), which older tenants still answered."""
+        self._http.call("PUT", self._path("/federation-errors"), {"style": style})
 
     def add_federated_credential(self, *, name: str | None = None, issuer: str | None = None,
                                  subject: str | None = None,
