@@ -390,7 +390,7 @@ def create_app(registry: Registry) -> Flask:
             raise _Problem(400, "entity_set and primary_id must be strings")
         alternate_keys = body.get("alternate_keys") or []
         _org_call(sandbox_or_404(sandbox_id), "add_entity", entity_set, primary_id,
-                  alternate_keys=alternate_keys)
+                  alternate_keys=alternate_keys, columns=body.get("columns"))
         return ok()
 
     return app
@@ -576,10 +576,13 @@ class SandboxClient:
         return result
 
     def add_entity(self, entity_set: str, primary_id: str,
-                   alternate_keys: list[list[str]] | None = None) -> None:
+                   alternate_keys: list[list[str]] | None = None, columns: list[str] | None = None) -> None:
+        """A table (or, for a stock table, its keys and extra columns: stock tables know only the columns
+        in devstack.dataverse.STOCK_COLUMNS, so a test adds a customer's ``cr123_...`` column here)."""
         self._http.call("POST", self._path("/entities"), {
             "entity_set": entity_set, "primary_id": primary_id,
             "alternate_keys": alternate_keys if alternate_keys is not None else [["emailaddress1"]],
+            "columns": columns or [],
         })
 
     def delete(self) -> None:
