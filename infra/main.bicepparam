@@ -45,5 +45,6 @@ param webhookSigningSecret = readEnvironmentVariable('WEBHOOK_SIGNING_SECRET', '
 param keyVaultNetworkDefaultAction = readEnvironmentVariable('KEY_VAULT_NETWORK_DEFAULT_ACTION', 'Deny')
 param keyVaultAllowedIpAddresses = split(readEnvironmentVariable('KEY_VAULT_ALLOWED_IPS', ''), ',')
 
-// Comma-separated addresses let through the storage firewall (tools/queuectl.py, roster uploads).
+// Comma-separated addresses let through the storage firewall (tools/queuectl.py, roster uploads); no /31 ranges
+// (Storage refuses /31 and /32; a /32 is deployed as the bare address).
 param storageAllowedIpAddresses = split(readEnvironmentVariable('STORAGE_ALLOWED_IPS', ''), ',')

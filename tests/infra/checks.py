@@ -188,8 +188,12 @@ def storage_network(infra: Infra) -> None:
     ip_rules = acls["ipRules"]["loop_type"]
     assert call(ip_rules["detail"]["array_name"], "filter") is not None, "blank entries are dropped"
     assert "allowedIpAddresses" in identifiers(ip_rules["detail"]["array_name"])
-    assert call(acls["ipRules"]["config"]["value"], "trim") == {
-        "string_to_trim": ip_rules["detail"]["item_name"]
+    # Storage rejects /31 and /32 ranges: a /32 is sent as the bare address
+    assert call(acls["ipRules"]["config"]["value"], "replace") == {
+        "original_string": {"function": {"type": "trim",
+                                         "parameters": {"string_to_trim": ip_rules["detail"]["item_name"]}}},
+        "old_string": "/32",
+        "new_string": "",
     }
     assert t.default("allowedIpAddresses") == []
     # main.bicep: the subnet whenever the app has one; the operators' addresses from their own parameter.

@@ -86,7 +86,9 @@ MUTATIONS = [
     ),
     ("modules/storage.bicep", "bypass: 'None'", "bypass: 'AzureServices'", "storage_network"),
     ("modules/storage.bicep", "          id: appSubnetId\n", "          id: ''\n", "storage_network"),
-    ("modules/storage.bicep", "value: trim(ip)", "value: ip", "storage_network"),
+    ("modules/storage.bicep", "value: replace(trim(ip), '/32', '')", "value: replace(ip, '/32', '')",
+     "storage_network"),
+    ("modules/storage.bicep", "value: replace(trim(ip), '/32', '')", "value: trim(ip)", "storage_network"),
     (
         "main.bicep",
         "    appSubnetId: vnetIntegration ? network.outputs.appSubnetId : ''\n"
