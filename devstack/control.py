@@ -278,6 +278,16 @@ def create_app(registry: Registry) -> Flask:
         response.status_code = 201
         return response
 
+    @app.put("/sandboxes/<sandbox_id>/federation-errors")
+    def set_federation_errors(sandbox_id: str) -> Response:
+        sandbox = sandbox_or_404(sandbox_id)
+        style = _body().get("style")
+        if style not in ("current", "legacy"):
+            raise _Problem(400, "style must be current or legacy")
+        with sandbox.lock:
+            sandbox.federation_errors = str(style)
+        return ok()
+
     @app.delete("/sandboxes/<sandbox_id>/federated-credentials")
     def remove_federated_credentials(sandbox_id: str) -> Response:
         sandbox_or_404(sandbox_id).remove_federated_credentials()
@@ -408,7 +418,7 @@ def create_app(registry: Registry) -> Flask:
             raise _Problem(400, "entity_set and primary_id must be strings")
         alternate_keys = body.get("alternate_keys") or []
         _org_call(sandbox_or_404(sandbox_id), "add_entity", entity_set, primary_id,
-                  alternate_keys=alternate_keys)
+                  alternate_keys=alternate_keys, columns=body.get("columns"))
         return ok()
 
     return app
@@ -521,6 +531,11 @@ class SandboxClient:
         self.env = dict(view["env"])
         return self.env
 
+    def set_federation_errors(self, style: str) -> None:
+        """How Entra refuses an unmatched federated assertion: "current" (401, AADSTS700211/2/3, the
+        default) or "legacy" (400 invalid_request, AADSTS70021), which older tenants still answered."""
+        self._http.call("PUT", self._path("/federation-errors"), {"style": style})
+
     def add_federated_credential(self, *, name: str | None = None, issuer: str | None = None,
                                  subject: str | None = None,
                                  audiences: list[str] | None = None) -> dict[str, Any]:
@@ -614,10 +629,13 @@ class SandboxClient:
         return result
 
     def add_entity(self, entity_set: str, primary_id: str,
-                   alternate_keys: list[list[str]] | None = None) -> None:
+                   alternate_keys: list[list[str]] | None = None, columns: list[str] | None = None) -> None:
+        """A table (or, for a stock table, its keys and extra columns: stock tables know only the columns
+        in devstack.dataverse.STOCK_COLUMNS, so a test adds a customer's ``cr123_...`` column here)."""
         self._http.call("POST", self._path("/entities"), {
             "entity_set": entity_set, "primary_id": primary_id,
             "alternate_keys": alternate_keys if alternate_keys is not None else [["emailaddress1"]],
+            "columns": columns or [],
         })
 
     def delete(self) -> None:

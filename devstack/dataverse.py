@@ -145,6 +145,7 @@ _ADDRESS = tuple(
 )
 # Writable columns of the stock tables (a subset of Learn's Web API EntityType reference): a write body
 # naming any other column is refused as Dataverse refuses it, so a typo in a job fails here as in Azure.
+# The emulator knows only these; a test adds a customer column (cr123_externalid) with add_entity(columns=).
 STOCK_COLUMNS: dict[str, frozenset[str]] = {
     "contacts": frozenset((
         "contactid", "firstname", "lastname", "middlename", "nickname", "salutation", "suffix", "jobtitle",
@@ -451,9 +452,17 @@ class Org:
 
     # --- tables ---------------------------------------------------------------------------------
     def add_entity(
-        self, entity_set: str, primary_id: str, alternate_keys: list[list[str]] | None = None
+        self, entity_set: str, primary_id: str, alternate_keys: list[list[str]] | None = None,
+        columns: list[str] | None = None,
     ) -> None:
-        """A table with its primary id and alternate keys; its logical name is the id less "id"."""
+        """A table with its primary id and alternate keys; its logical name is the id less "id".
+
+        A stock table (STOCK_COLUMNS) knows only the listed columns; ``columns`` and the alternate keys'
+        attributes add the customer's own (e.g. ``cr123_externalid``), as a maker adds them to a table.
+        """
+        extra = frozenset(columns or ())
+        if not all(isinstance(c, str) and _IDENT_RE.fullmatch(c) for c in extra):
+            raise ValueError("columns must be plain identifiers")
         if not _IDENT_RE.fullmatch(entity_set) or not _IDENT_RE.fullmatch(primary_id):
             raise ValueError("entity_set and primary_id must be plain identifiers")
         if not primary_id.endswith("id") or len(primary_id) < 3:
@@ -464,12 +473,16 @@ class Org:
                 raise ValueError(f"bad alternate key {list(key)!r}")
         with self.lock:
             existing = self.tables.get(entity_set)
+            added = extra.union(*keys)
             if existing is not None:
                 existing.alternate_keys = keys
+                if existing.columns is not None:
+                    existing.columns = existing.columns | added
                 existing.reindex()
                 return
+            stock = STOCK_COLUMNS.get(entity_set)
             self.tables[entity_set] = Table(entity_set, primary_id[:-2], primary_id, keys,
-                                            columns=STOCK_COLUMNS.get(entity_set))
+                                            columns=None if stock is None else stock | added)
 
     def records(self, entity_set: str) -> list[dict[str, Any]]:
         """Every record of a table with its system fields (copies)."""
@@ -1212,6 +1225,8 @@ class _Request:
                 continue
             if "@" in name:
                 continue  # other instance annotations are ignored, as Dataverse does
+            if name in ("createdon", "modifiedon"):
+                continue  # system-managed columns every table has: Dataverse ignores them
             if (
                 not _IDENT_RE.fullmatch(name)
                 or name == "versionnumber"
@@ -1223,8 +1238,6 @@ class _Request:
                     f"'Microsoft.Dynamics.CRM.{table.logical_name}'. Make sure to only use property names "
                     "that are defined by the type or mark the type as open type."
                 )
-            if name in ("createdon", "modifiedon"):
-                continue  # system-managed: Dataverse ignores them
             if isinstance(value, dict | list):
                 raise bad(f"The property '{name}' has a value of an unexpected kind.")
             out[name] = value

@@ -110,7 +110,7 @@ param keyVaultNetworkDefaultAction string = 'Deny'
 @description('Public IPv4 addresses or CIDR ranges allowed through the vault firewall (your workstation, to run `az keyvault secret set`).')
 param keyVaultAllowedIpAddresses array = []
 
-@description('Public IPv4 addresses or CIDR ranges let through the storage firewall (operators running tools/queuectl.py, uploading the roster). The app reaches storage through its subnet; with keyVaultNetworkDefaultAction Allow there is no subnet and the account accepts every network.')
+@description('Public IPv4 addresses or CIDR ranges let through the storage firewall (operators running tools/queuectl.py, uploading the roster). Storage refuses /31 and /32 ranges: a /32 is sent as the bare address, list a /31\'s two addresses. The app reaches storage through its subnet; with keyVaultNetworkDefaultAction Allow there is no subnet and the account accepts every network.')
 param storageAllowedIpAddresses array = []
 
 @description('Address space of the app\'s virtual network (created when keyVaultNetworkDefaultAction is Deny).')
@@ -223,6 +223,7 @@ module rbac 'modules/rbac.bicep' = {
     identityPrincipalId: identity.outputs.principalId
     deployerPrincipalId: principalId
     deployerPrincipalType: principalType
+    dataverseCredential: dataverseCredential
     storageAccountName: storage.outputs.name
     blobContainerNames: storage.outputs.blobContainerNames
     keyVaultName: keyVault.outputs.name

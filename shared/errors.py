@@ -17,6 +17,9 @@ class SyncError(Exception):
 
     code: str = "sync_error"
     transient: bool = False
+    # Set by shared.deadline when this error is raised only because the raising invocation's own deadline
+    # forbade the wait it asked for: a verdict on that caller's time, not on the call (shared.singleflight).
+    deadline_limited: bool = False
 
     def __init__(
         self,

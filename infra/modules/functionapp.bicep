@@ -226,6 +226,14 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
           value: tableEndpoint
         }
         {
+          // The Python worker runs sync invocations on min(32, CPUs + 4) threads by default: ~5 on a Flex
+          // instance, fewer than host.json's queue concurrency (batchSize 16 + newBatchThreshold 8 = 24).
+          // An invocation waiting for a thread has already started functionTimeout's clock but not the
+          // job's deadline, which could then outlive it. 24 queue + 8 for HTTP and the timer (docs/design.md).
+          name: 'PYTHON_THREADPOOL_THREAD_COUNT'
+          value: '32'
+        }
+        {
           name: 'APPLICATIONINSIGHTS_CONNECTION_STRING'
           value: applicationInsightsConnectionString
         }

@@ -96,8 +96,10 @@ resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
           action: 'Allow'
         }
       ] : []
+      // Storage refuses /31 and /32 ranges (the deployment fails): a /32 becomes its single address; a /31
+      // must be given as its two addresses.
       ipRules: [for ip in filter(allowedIpAddresses, address => !empty(trim(address))): {
-        value: trim(ip)
+        value: replace(trim(ip), '/32', '')
         action: 'Allow'
       }]
     }
