@@ -30,6 +30,9 @@ from shared.settings import http_max_wait_seconds
 from shared.webhooks import declared_too_large, error_body, receive_webhook
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from shared.jobs import Job
     from shared.runtime import Runtime
 
 logs.install()
@@ -103,6 +106,13 @@ def _runtime() -> "Runtime":
     return get_runtime()
 
 
+def _authorize(source: str, jobs: "Sequence[tuple[str, Job]]") -> "list[dict[str, Any]]":
+    """The source's authorization policy applied to a valid batch (refusals; empty: all allowed)."""
+    with _http_wait_limit():  # it may look actors up: throttling past the limit is a 503, not a wait
+        refused: list[dict[str, Any]] = _runtime().policy.check_batch(source, jobs)
+    return refused
+
+
 def _blob_bytes(blob: Any) -> bytes | str | None:
     """A missing input blob arrives as None; otherwise an InputStream (or str/bytes from a local host)."""
     if blob is None or isinstance(blob, str | bytes):
@@ -142,7 +152,7 @@ def webhook(req: func.HttpRequest, jobs: func.Out[typing.List[str]]) -> func.Htt
         if declared is not None:  # answered before req.get_body(): a huge body is never read
             return _json(declared.status, declared.body)
         source = req.route_params.get("source", "")
-        result = receive_webhook(source, req.headers, req.get_body(), _runtime)
+        result = receive_webhook(source, req.headers, req.get_body(), _runtime, authorize=_authorize)
         if result.status == 202:
             jobs.set(result.messages)
         return _json(result.status, result.body, result.headers or None)
@@ -150,24 +160,37 @@ def webhook(req: func.HttpRequest, jobs: func.Out[typing.List[str]]) -> func.Htt
     return _guarded("webhook", handle)
 
 
-@app.function_name("lookup_user")
-@app.route(route="users", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
-def lookup_user(req: func.HttpRequest) -> func.HttpResponse:
-    """``GET /api/users?email=``: 200 the user, 404 none, 409 several share the address, 400 not an email."""
-
+def _user_by_email(req: func.HttpRequest, *, everyone: bool) -> func.HttpResponse:
     def handle() -> func.HttpResponse:
+        from shared.users import find_user  # imports requests: not at import time
         email = (req.params.get("email") or "").strip()
         if not is_email_address(email):
             return _invalid_email()
         try:
             with _http_wait_limit():
-                user = _runtime().users.by_email(email, correlation_id="lookup_user")
+                user = find_user(_runtime().users, email, everyone=everyone)
         except ActorError as exc:
             status = 409 if exc.code == "actor_ambiguous" else 404 if exc.code == "actor_not_found" else 422
             return _json(status, {"error": exc.to_dict()})
         return _json(200, user.to_api())
 
-    return _guarded("lookup_user", handle)
+    return _guarded("lookup_user_any" if everyone else "lookup_user", handle)
+
+
+@app.function_name("lookup_user")
+@app.route(route="users", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+def lookup_user(req: func.HttpRequest) -> func.HttpResponse:
+    """``GET /api/users?email=``: 200 the user, 404 none, 409 several share the address, 400 not an email.
+    Disabled, application and non-interactive users answer 404, as if there were none."""
+    return _user_by_email(req, everyone=False)
+
+
+@app.function_name("lookup_user_any")
+@app.route(route="users/any", methods=["GET"], auth_level=func.AuthLevel.ADMIN)
+def lookup_user_any(req: func.HttpRequest) -> func.HttpResponse:
+    """``GET /api/users/any?email=`` (admin key): like ``/api/users`` but shows every user.  A separate
+    route because a function is not told which key was used (and routes starting ``admin`` are the host's)."""
+    return _user_by_email(req, everyone=True)
 
 
 @app.function_name("health")

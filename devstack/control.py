@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -288,6 +288,16 @@ def create_app(registry: Registry) -> Flask:
         response.status_code = 201
         return response
 
+    @app.put("/sandboxes/<sandbox_id>/federation-errors")
+    def set_federation_errors(sandbox_id: str) -> Response:
+        sandbox = sandbox_or_404(sandbox_id)
+        style = _body().get("style")
+        if style not in ("current", "legacy"):
+            raise _Problem(400, "style must be current or legacy")
+        with sandbox.lock:
+            sandbox.federation_errors = str(style)
+        return ok()
+
     @app.delete("/sandboxes/<sandbox_id>/federated-credentials")
     def remove_federated_credentials(sandbox_id: str) -> Response:
         sandbox_or_404(sandbox_id).remove_federated_credentials()
@@ -378,6 +388,34 @@ def create_app(registry: Registry) -> Flask:
         _org_call(sandbox_or_404(sandbox_id), "remove_user", systemuserid)
         return ok()
 
+    @app.get("/sandboxes/<sandbox_id>/roles")
+    def list_roles(sandbox_id: str) -> Response:
+        return jsonify(_org_call(sandbox_or_404(sandbox_id), "roles_wire"))
+
+    @app.post("/sandboxes/<sandbox_id>/roles")
+    def add_role(sandbox_id: str) -> Response:
+        body = _body()
+        response = jsonify(_org_call(sandbox_or_404(sandbox_id), "add_role", body.get("name"),
+                                     body.get("roletemplateid")))
+        response.status_code = 201
+        return response
+
+    @app.put("/sandboxes/<sandbox_id>/users/<systemuserid>/roles")
+    def set_user_roles(sandbox_id: str, systemuserid: str) -> Response:
+        roles = _body().get("roles")
+        if not isinstance(roles, list):
+            raise _Problem(400, "roles must be a list of role ids")
+        return jsonify(_org_call(sandbox_or_404(sandbox_id), "set_user_roles", systemuserid, roles))
+
+    @app.post("/sandboxes/<sandbox_id>/teams")
+    def add_team(sandbox_id: str) -> Response:
+        body = _body()
+        team = _org_call(sandbox_or_404(sandbox_id), "add_team", body.get("name"), body.get("members") or [],
+                         body.get("roles") or [], int(body.get("teamtype") or 0))
+        response = jsonify(team)
+        response.status_code = 201
+        return response
+
     @app.get("/sandboxes/<sandbox_id>/records/<entity_set>")
     def records(sandbox_id: str, entity_set: str) -> Response:
         return jsonify(_org_call(sandbox_or_404(sandbox_id), "records", entity_set))
@@ -390,7 +428,7 @@ def create_app(registry: Registry) -> Flask:
             raise _Problem(400, "entity_set and primary_id must be strings")
         alternate_keys = body.get("alternate_keys") or []
         _org_call(sandbox_or_404(sandbox_id), "add_entity", entity_set, primary_id,
-                  alternate_keys=alternate_keys)
+                  alternate_keys=alternate_keys, columns=body.get("columns"))
         return ok()
 
     return app
@@ -508,6 +546,11 @@ class SandboxClient:
         self.env = dict(view["env"])
         return self.env
 
+    def set_federation_errors(self, style: str) -> None:
+        """How Entra refuses an unmatched federated assertion: "current" (401, AADSTS700211/2/3, the
+        default) or "legacy" (400 invalid_request, AADSTS70021), which older tenants still answered."""
+        self._http.call("PUT", self._path("/federation-errors"), {"style": style})
+
     def add_federated_credential(self, *, name: str | None = None, issuer: str | None = None,
                                  subject: str | None = None,
                                  audiences: list[str] | None = None) -> dict[str, Any]:
@@ -571,15 +614,43 @@ class SandboxClient:
     def remove_user(self, systemuserid: str) -> None:
         self._http.call("DELETE", self._path(f"/users/{systemuserid}"))
 
+    def roles(self) -> list[dict[str, Any]]:
+        """Security roles (``name``, ``roleid``, ``_roletemplateid_value``); System Administrator is seeded"""
+        result: list[dict[str, Any]] = self._http.call("GET", self._path("/roles"))
+        return result
+
+    def role_id(self, name: str) -> str:
+        return next(str(r["roleid"]) for r in self.roles() if r["name"] == name)
+
+    def add_role(self, name: str, *, roletemplateid: str | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = self._http.call("POST", self._path("/roles"),
+                                                 {"name": name, "roletemplateid": roletemplateid})
+        return result
+
+    def set_user_roles(self, systemuserid: str, roles: list[str]) -> list[str]:
+        result: list[str] = self._http.call("PUT", self._path(f"/users/{systemuserid}/roles"),
+                                            {"roles": roles})
+        return result
+
+    def add_team(
+        self, name: str, *, members: Sequence[str] = (), roles: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        body = {"name": name, "members": list(members), "roles": list(roles)}
+        result: dict[str, Any] = self._http.call("POST", self._path("/teams"), body)
+        return result
+
     def records(self, entity_set: str) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self._http.call("GET", self._path(f"/records/{entity_set}"))
         return result
 
     def add_entity(self, entity_set: str, primary_id: str,
-                   alternate_keys: list[list[str]] | None = None) -> None:
+                   alternate_keys: list[list[str]] | None = None, columns: list[str] | None = None) -> None:
+        """A table (or, for a stock table, its keys and extra columns: stock tables know only the columns
+        in devstack.dataverse.STOCK_COLUMNS, so a test adds a customer's ``cr123_...`` column here)."""
         self._http.call("POST", self._path("/entities"), {
             "entity_set": entity_set, "primary_id": primary_id,
             "alternate_keys": alternate_keys if alternate_keys is not None else [["emailaddress1"]],
+            "columns": columns or [],
         })
 
     def delete(self) -> None:

@@ -16,7 +16,8 @@ in ``devstack.bulk`` (dispatched from ``_Request.dispatch``).
 Counters (per sandbox, ``dataverse``): ``<METHOD> <resource>`` and ``status:<code>`` per request,
 ``caller:CallerObjectId`` / ``caller:MSCRMCallerID`` per write that carried that header,
 ``impersonation:applied`` / ``impersonation:ignored``, ``cookie:ARRAffinity`` when a client sent
-the affinity cookie back.
+the affinity cookie back.  A ``systemusers(<id>)?$expand=`` retrieve (roles and teams,
+devstack/security.py) counts as ``GET systemusers $expand``, not as a ``GET systemusers`` lookup.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from urllib.parse import quote, unquote, urlsplit
 import jwt
 from flask import Flask, Response, request
 
-from devstack import odata, web
+from devstack import odata, security, web
 from devstack.sandboxes import DEFAULT_TENANT_ID, Registry, Sandbox
 
 SERVICE = "dataverse"
@@ -144,6 +145,7 @@ _ADDRESS = tuple(
 )
 # Writable columns of the stock tables (a subset of Learn's Web API EntityType reference): a write body
 # naming any other column is refused as Dataverse refuses it, so a typo in a job fails here as in Azure.
+# The emulator knows only these; a test adds a customer column (cr123_externalid) with add_entity(columns=).
 STOCK_COLUMNS: dict[str, frozenset[str]] = {
     "contacts": frozenset((
         "contactid", "firstname", "lastname", "middlename", "nickname", "salutation", "suffix", "jobtitle",
@@ -284,6 +286,7 @@ class Org:
         self._users: dict[str, dict[str, Any]] = {}
         self._ignore_impersonation: set[str] = set()
         self.tables: dict[str, Table] = {}
+        self.security = security.Security(self.business_unit_id, self._stable_id, version=self._next_version)
         self.add_entity("contacts", "contactid", [["emailaddress1"]])
         self.add_entity("accounts", "accountid", [["accountnumber"]])
         self.add_entity("leads", "leadid", [])
@@ -425,11 +428,41 @@ class Org:
     def _wire_user(user: Mapping[str, Any]) -> dict[str, Any]:
         return {k: user.get(k) for k in SYSTEMUSER_FIELDS}
 
+    # --- roles and teams (devstack/security.py) ------------------------------------------------------
+    def roles_wire(self) -> list[dict[str, Any]]:
+        return self.security.roles_wire()
+
+    def add_role(self, name: str, roletemplateid: str | None = None) -> dict[str, Any]:
+        return self.security.add_role(name, roletemplateid)
+
+    def set_user_roles(self, systemuserid: str, roles: list[str]) -> list[str]:
+        """The user's directly assigned roles (role ids) become exactly ``roles``."""
+        with self.lock:
+            if systemuserid.lower() not in self._users:
+                raise KeyError(systemuserid)
+        return self.security.set_user_roles(systemuserid, roles)
+
+    def add_team(self, name: str, members: list[str] | None = None, roles: list[str] | None = None,
+                 teamtype: int = 0) -> dict[str, Any]:
+        with self.lock:
+            unknown = [m for m in members or [] if m.lower() not in self._users]
+        if unknown:
+            raise KeyError(unknown[0])
+        return self.security.add_team(name, list(members or []), list(roles or []), teamtype)
+
     # --- tables ---------------------------------------------------------------------------------
     def add_entity(
-        self, entity_set: str, primary_id: str, alternate_keys: list[list[str]] | None = None
+        self, entity_set: str, primary_id: str, alternate_keys: list[list[str]] | None = None,
+        columns: list[str] | None = None,
     ) -> None:
-        """A table with its primary id and alternate keys; its logical name is the id less "id"."""
+        """A table with its primary id and alternate keys; its logical name is the id less "id".
+
+        A stock table (STOCK_COLUMNS) knows only the listed columns; ``columns`` and the alternate keys'
+        attributes add the customer's own (e.g. ``cr123_externalid``), as a maker adds them to a table.
+        """
+        extra = frozenset(columns or ())
+        if not all(isinstance(c, str) and _IDENT_RE.fullmatch(c) for c in extra):
+            raise ValueError("columns must be plain identifiers")
         if not _IDENT_RE.fullmatch(entity_set) or not _IDENT_RE.fullmatch(primary_id):
             raise ValueError("entity_set and primary_id must be plain identifiers")
         if not primary_id.endswith("id") or len(primary_id) < 3:
@@ -440,12 +473,16 @@ class Org:
                 raise ValueError(f"bad alternate key {list(key)!r}")
         with self.lock:
             existing = self.tables.get(entity_set)
+            added = extra.union(*keys)
             if existing is not None:
                 existing.alternate_keys = keys
+                if existing.columns is not None:
+                    existing.columns = existing.columns | added
                 existing.reindex()
                 return
+            stock = STOCK_COLUMNS.get(entity_set)
             self.tables[entity_set] = Table(entity_set, primary_id[:-2], primary_id, keys,
-                                            columns=STOCK_COLUMNS.get(entity_set))
+                                            columns=None if stock is None else stock | added)
 
     def records(self, entity_set: str) -> list[dict[str, Any]]:
         """Every record of a table with its system fields (copies)."""
@@ -837,10 +874,13 @@ class _Request:
         )
 
     def query(
-        self, known: set[str] | None, type_name: str, type_of: Callable[[str], str | None] | None = None
+        self, known: set[str] | None, type_name: str, type_of: Callable[[str], str | None] | None = None,
+        *, expand: bool = False,
     ) -> _Query:
         args = request.args
         for name in args:
+            if expand and name == "$expand":
+                continue  # the caller handles it (devstack/security.py)
             if name in (
                 "$orderby",
                 "$expand",
@@ -970,7 +1010,8 @@ class _Request:
             raise DataverseError(
                 404, CODE_SEGMENT, f"Resource not found for the segment '{self.resource.rest}'."
             )
-        q = self.query(set(SYSTEMUSER_FIELDS), "Microsoft.Dynamics.CRM.systemuser", SYSTEMUSER_TYPES.get)
+        q = self.query(set(SYSTEMUSER_FIELDS), "Microsoft.Dynamics.CRM.systemuser", SYSTEMUSER_TYPES.get,
+                       expand=self.resource.key is not None)
         rows = self.org.user_rows()
         if self.resource.key is None:
             return self.collection(rows, q, "systemuserid", "systemusers")
@@ -986,7 +1027,24 @@ class _Request:
         user = next((u for u in rows if u["systemuserid"] == key), None)
         if user is None:
             raise DataverseError(404, CODE_NOT_FOUND, f"systemuser With Id = {key} Does Not Exist")
+        if "$expand" in request.args:
+            return self.expanded_user(user, q.select, request.args["$expand"])
         return self.single(user, q.select, "systemuserid", "systemusers")
+
+    def expanded_user(self, user: Mapping[str, Any], select: list[str] | None, text: str) -> Response:
+        """A user with its roles / teams (``devstack/security.py``): the one ``$expand`` the app sends."""
+        try:
+            items = security.parse_expand(text)
+        except security.ExpandError as err:
+            if err.status == 501:
+                raise self.not_supported(err.message) from None
+            raise DataverseError(err.status, CODE_ODATA, err.message) from None
+        body = {
+            "@odata.context": self.context(f"systemusers{security.context_columns(select, items)}/$entity"),
+            **self.shape(user, select, "systemuserid"),
+            **self.org.security.expand("systemuser", str(user["systemuserid"]), items),
+        }
+        return _json(200, body, {"ETag": _etag(user)})
 
     def parse_key(self, text: str) -> str | dict[str, odata.Value]:
         try:
@@ -1167,6 +1225,8 @@ class _Request:
                 continue
             if "@" in name:
                 continue  # other instance annotations are ignored, as Dataverse does
+            if name in ("createdon", "modifiedon"):
+                continue  # system-managed columns every table has: Dataverse ignores them
             if (
                 not _IDENT_RE.fullmatch(name)
                 or name == "versionnumber"
@@ -1178,8 +1238,6 @@ class _Request:
                     f"'Microsoft.Dynamics.CRM.{table.logical_name}'. Make sure to only use property names "
                     "that are defined by the type or mark the type as open type."
                 )
-            if name in ("createdon", "modifiedon"):
-                continue  # system-managed: Dataverse ignores them
             if isinstance(value, dict | list):
                 raise bad(f"The property '{name}' has a value of an unexpected kind.")
             out[name] = value
@@ -1446,7 +1504,9 @@ def create_app(registry: Registry) -> Flask:
             return _common_headers(_unauthorized(tenant if tenant else None, audience()), None)
         web.bind(sandbox, SERVICE)
         org: Org = sandbox.org
-        sandbox.counters.count(SERVICE, f"{request.method} {resource_name}")
+        expanded = resource_name == "systemusers" and "$expand" in request.args
+        # a user's roles/teams read is counted apart, so "GET systemusers" stays "user lookups"
+        sandbox.counters.count(SERVICE, f"{request.method} {resource_name}{' $expand' if expanded else ''}")
         if request.method in WRITE_METHODS:
             for header in CALLER_HEADERS:
                 if header in request.headers:

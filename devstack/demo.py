@@ -558,6 +558,8 @@ class Demo:
             **self.sandbox.env,
             "SYNC_QUEUE_NAME": SYNC_QUEUE,
             "RECONCILE_SCHEDULE": RECONCILE_SCHEDULE,
+            # as deployed (infra/modules/functionapp.bicep): a worker thread for every concurrent invocation
+            "PYTHON_THREADPOOL_THREAD_COUNT": "32",
         }
         settings_file = self.state_dir / "local.settings.json"
         settings_file.write_text(json.dumps({"IsEncrypted": False, "Values": self.settings}, indent=2) + "\n",

@@ -13,8 +13,9 @@ Besides ``client_secret``, the app may prove itself with ``client_assertion`` (t
   was not found"), the signature must verify with it (AADSTS700027), iss = sub = client id
   (AADSTS700021), aud = the token endpoint (AADSTS50013), exp in the future (AADSTS700024);
 * anything else is a federated assertion: its iss, sub and aud must match one federated credential
-  of the app exactly (AADSTS70021 naming all three), then it must verify against the issuer's key
-  (only tokens this stack's managed identity issued do) and be unexpired (AADSTS700024).
+  of the app exactly (401 AADSTS700211/700213/700212 naming the issuer/subject/audience; the legacy
+  400 AADSTS70021 naming all three with ``federation_errors = "legacy"``), then it must verify against
+  the issuer's key (only tokens this stack's managed identity issued do) and be unexpired (AADSTS700024).
 
 An assertion that is not a JWT at all is AADSTS50027.
 """
@@ -193,16 +194,43 @@ def _check_certificate_assertion(sandbox: Sandbox, header: dict[str, Any], claim
     return None
 
 
+def _no_matching_record(sandbox: Sandbox, claims: dict[str, Any], audiences: list[str]) -> Response:
+    """No federated credential matches the assertion.
+
+    Current Entra answers 401 invalid_client naming the first claim that matches no record: issuer
+    (AADSTS700211), subject (AADSTS700213; e.g. Azure/azure-workload-identity#1200), audience
+    (AADSTS700212). The legacy answer (sandbox.federation_errors == "legacy") was 400 invalid_request
+    AADSTS70021 naming all three.
+    """
+    issuer, subject = claims.get("iss"), claims.get("sub")
+    if sandbox.federation_errors == "legacy":
+        return aad_error(
+            400, "invalid_request", 70021,
+            f"No matching federated identity record found for presented assertion. Assertion Issuer: "
+            f"'{issuer}'. Assertion Subject: '{subject}'. Assertion Audience: "
+            f"'{', '.join(audiences)}'. https://docs.microsoft.com/en-us/azure/active-directory/develop/"
+            "workload-identity-federation")
+    with sandbox.lock:
+        records = list(sandbox.federated_credentials)
+    same_issuer = [r for r in records if r.issuer == issuer]
+    if not same_issuer:
+        code, claim, value = 700211, "issuer", issuer
+    elif not any(r.subject == subject for r in same_issuer):
+        code, claim, value = 700213, "subject", subject
+    else:
+        code, claim, value = 700212, "audience", ", ".join(audiences)
+    return aad_error(
+        401, "invalid_client", code,
+        f"No matching federated identity record found for presented assertion {claim} '{value}'. Check your "
+        "federated identity credential Subject, Audience and Issuer against the presented assertion. "
+        "https://learn.microsoft.com/entra/workload-id/workload-identity-federation")
+
+
 def _check_federated_assertion(registry: Registry, sandbox: Sandbox, claims: dict[str, Any],
                                assertion: str) -> Response | None:
     audiences = _audiences(claims)
     if sandbox.find_federated_credential(claims.get("iss"), claims.get("sub"), audiences) is None:
-        return aad_error(
-            400, "invalid_request", 70021,
-            f"No matching federated identity record found for presented assertion. Assertion Issuer: "
-            f"'{claims.get('iss')}'. Assertion Subject: '{claims.get('sub')}'. Assertion Audience: "
-            f"'{', '.join(audiences)}'. https://docs.microsoft.com/en-us/azure/active-directory/develop/"
-            "workload-identity-federation")
+        return _no_matching_record(sandbox, claims, audiences)
     verified, problem = registry.verify_assertion(assertion)
     if problem == "expired":
         return _not_in_time(claims)

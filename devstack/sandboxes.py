@@ -213,6 +213,9 @@ class Sandbox:
     federated_credentials: list[FederatedCredential] = field(default_factory=list)
     certificates: list[RegisteredCertificate] = field(default_factory=list)
     credential_mode: str = "secret"  # what sandbox_env tells the app to use (DATAVERSE_CREDENTIAL)
+    # How Entra refuses a federated assertion no record matches: "current" (401 invalid_client,
+    # AADSTS700211/700212/700213 naming the claim) or "legacy" (400 invalid_request, AADSTS70021).
+    federation_errors: str = "current"
     secrets: dict[str, list[SecretVersion]] = field(default_factory=dict)
     faults: list[Fault] = field(default_factory=list)
     latency: dict[str, float] = field(default_factory=dict)

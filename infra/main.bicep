@@ -92,6 +92,15 @@ param userCacheTtlSeconds string = '900'
 @description('USER_CACHE_NEGATIVE_TTL_SECONDS: how long "no such user" stays cached.')
 param userCacheNegativeTtlSeconds string = '60'
 
+@description('AUTHORIZATION_POLICY: the authorization policy as inline JSON; empty for none (docs/authorization.md).')
+param authorizationPolicy string = ''
+
+@description('AUTHORIZATION_POLICY_BLOB: <container>/<path> of the policy JSON in the app storage account, re-read every minute; empty for none.')
+param authorizationPolicyBlob string = ''
+
+@description('ALLOWED_ENTITY_SETS: entity sets jobs may write when no policy is set (the default policy).')
+param allowedEntitySets string = 'contacts,accounts,leads'
+
 @secure()
 @description('Optional: the Dataverse client secret, written to Key Vault when given. `az keyvault secret set` after deployment keeps it out of deployment inputs.')
 param dataverseClientSecret string = ''
@@ -114,7 +123,7 @@ param keyVaultNetworkDefaultAction string = 'Deny'
 @description('Public IPv4 addresses or CIDR ranges allowed through the vault firewall (your workstation, to run `az keyvault secret set`).')
 param keyVaultAllowedIpAddresses array = []
 
-@description('Public IPv4 addresses or CIDR ranges let through the storage firewall (operators running tools/queuectl.py, uploading the roster). The app reaches storage through its subnet; with keyVaultNetworkDefaultAction Allow there is no subnet and the account accepts every network.')
+@description('Public IPv4 addresses or CIDR ranges let through the storage firewall (operators running tools/queuectl.py, uploading the roster). Storage refuses /31 and /32 ranges: a /32 is sent as the bare address, list a /31\'s two addresses. The app reaches storage through its subnet; with keyVaultNetworkDefaultAction Allow there is no subnet and the account accepts every network.')
 param storageAllowedIpAddresses array = []
 
 @description('Address space of the app\'s virtual network (created when keyVaultNetworkDefaultAction is Deny).')
@@ -229,6 +238,7 @@ module rbac 'modules/rbac.bicep' = {
     identityPrincipalId: identity.outputs.principalId
     deployerPrincipalId: principalId
     deployerPrincipalType: principalType
+    dataverseCredential: dataverseCredential
     storageAccountName: storage.outputs.name
     blobContainerNames: storage.outputs.blobContainerNames
     keyVaultName: keyVault.outputs.name
@@ -291,6 +301,9 @@ module functionApp 'modules/functionapp.bicep' = {
     jobDeadlineSeconds: jobDeadlineSeconds
     httpMaxWaitSeconds: httpMaxWaitSeconds
     userCacheNegativeTtlSeconds: userCacheNegativeTtlSeconds
+    authorizationPolicy: authorizationPolicy
+    authorizationPolicyBlob: authorizationPolicyBlob
+    allowedEntitySets: allowedEntitySets
   }
 }
 

@@ -315,6 +315,8 @@ class DataverseClient:
             if deadline is not None:
                 deadline.check_start(label)
             token = self._tokens.get_token()
+            if deadline is not None:  # the token fetch may itself have waited (Entra, Key Vault) past it
+                deadline.check_start(label)
             sent_headers = self._headers(token, body is not None, headers)
             wait: float
             try:

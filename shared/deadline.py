@@ -68,6 +68,7 @@ class Deadline:
         if wait <= left:
             return
         if not self.hard and isinstance(cause, SyncError):
+            cause.deadline_limited = True
             raise cause
         raise self.exceeded(
             f"{what}: waiting {wait:.1f}s would pass the deadline ({self.setting}={self.seconds:g}, "
@@ -84,6 +85,14 @@ class Deadline:
         if self.hard:
             return DeadlineExceeded(message + "; the message goes back to the queue", retry_after=wait)
         return DeadlineExceeded(message, code="wait_limit_exceeded", retry_after=wait)
+
+
+def limited_by_deadline(exc: BaseException) -> bool:
+    """Whether ``exc`` says only that the raising invocation ran out of time (its deadline, not the call).
+
+    Another caller with more time left would not have failed that way: a single-flight follower retries.
+    """
+    return isinstance(exc, DeadlineExceeded) or (isinstance(exc, SyncError) and exc.deadline_limited)
 
 
 _current: ContextVar[Deadline | None] = ContextVar("shared_deadline", default=None)

@@ -17,6 +17,9 @@ class SyncError(Exception):
 
     code: str = "sync_error"
     transient: bool = False
+    # Set by shared.deadline when this error is raised only because the raising invocation's own deadline
+    # forbade the wait it asked for: a verdict on that caller's time, not on the call (shared.singleflight).
+    deadline_limited: bool = False
 
     def __init__(
         self,
@@ -71,6 +74,15 @@ class ImpersonationNotApplied(SyncError):
     """Dataverse ran an impersonated write as somebody other than the actor (its silent fallback)."""
 
     code = "impersonation_not_applied"
+
+
+class PolicyViolation(SyncError):
+    """The authorization policy of the job's source forbids it: ``forbidden_by_policy`` (permanent).
+
+    ``details`` lists ``{"field", "message"}`` entries, like InvalidJob, naming what the policy refused.
+    """
+
+    code = "forbidden_by_policy"
 
 
 class UnauthenticatedMessage(SyncError):
@@ -376,6 +388,13 @@ FIXES: dict[str, str] = {
                              "as a person instead.",
     "actor_application_user": "That user is an application user; omit actAs to write as the application "
                               "user itself, or act as a person.",
+    "forbidden_by_policy": (
+        "The authorization policy of the job's source refuses it (the detail names the field): change the "
+        "job, or the policy (AUTHORIZATION_POLICY / AUTHORIZATION_POLICY_BLOB, see docs/authorization.md) "
+        "and send the job again (queuectl send)."
+    ),
+    "policy_unavailable": "The authorization policy blob (AUTHORIZATION_POLICY_BLOB) could not be read; it "
+                          "is retried. Check the app's storage account and its network path.",
     "impersonation_not_applied": (
         "Dataverse ignored the caller header and ran the request as the application user: the impersonated "
         "user is unknown to Dataverse or cannot be impersonated (check the user is enabled and has a "

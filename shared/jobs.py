@@ -17,7 +17,8 @@ Delivery is at-least-once, so every write must be safe to replay:
   other callers.
 
 Outcomes (``process_message``): success; a permanent failure that is the job's own fault (invalid job,
-actor not found / disabled / ambiguous, impersonation not applied, a permanent Dataverse answer) becomes
+forbidden by the source's authorization policy (``shared.policy``), actor not found / disabled /
+ambiguous, impersonation not applied, a permanent Dataverse answer) becomes
 a dead-letter record; anything else raises so the host retries and finally moves the message to
 ``-poison``: transient errors, unexpected exceptions (a bug must not be filed as a bad job), and
 environment faults that are not the job's fault (missing settings, Entra/Key Vault misconfiguration,
@@ -52,6 +53,7 @@ from shared.errors import (
     DataverseError,
     ImpersonationNotApplied,
     InvalidJob,
+    PolicyViolation,
     SyncError,
     UnauthenticatedMessage,
 )
@@ -489,7 +491,9 @@ def run_job(job: Job, runtime: Runtime) -> WriteResult:
     The proof (``WhoAmI`` with the caller header, cached per actor) comes before the first write, so an
     update, upsert or delete never runs under a caller Dataverse would silently ignore.
     """
+    runtime.policy.check_job(job)  # before any request: the queue is a way in that skips the webhook
     actor = resolve_actor(job, runtime)
+    runtime.policy.check_actor(job, actor, correlation_id=job.id)
     caller = actor.caller() if actor is not None else None
     if actor is not None:
         runtime.attribution.verify(actor, correlation_id=job.id)
@@ -567,7 +571,8 @@ def is_job_fault(error: SyncError) -> bool:
         return False
     if isinstance(error, DataverseError):
         return error.code != "dataverse_unauthorized"
-    return isinstance(error, InvalidJob | ActorError | ImpersonationNotApplied | UnauthenticatedMessage)
+    return isinstance(error, InvalidJob | ActorError | ImpersonationNotApplied | PolicyViolation
+                      | UnauthenticatedMessage)
 
 
 def dead_letter_record(job: object, error: SyncError, *, now: datetime | None = None) -> dict[str, Any]:
@@ -794,8 +799,11 @@ def run_bulk_job(job: Job, runtime: Runtime) -> tuple[BulkReport, list[dict[str,
     """
     from shared.bulk import BulkRecord, write_bulk
 
+    runtime.policy.check_job(job)  # the table, operation and inline records, before the blob is read
     records = bulk_records(job, runtime)
+    runtime.policy.check_job(job, records)  # every record, before any Dataverse request
     actor = resolve_actor(job, runtime)
+    runtime.policy.check_actor(job, actor, correlation_id=job.id)
     caller = actor.caller() if actor is not None else None
     if actor is not None:
         runtime.attribution.verify(actor, correlation_id=job.id)

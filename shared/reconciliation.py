@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from shared import deadline
 from shared.contract import is_email_address
 from shared.errors import SyncError
 
@@ -269,12 +270,17 @@ def run_reconciliation(
 ) -> tuple[str, dict[str, Any]]:
     """Page all users once, refresh the instance's user cache with them, and reconcile.
 
-    The inputs are validated first so a broken roster costs no Dataverse call.
+    The inputs are validated first so a broken roster costs no Dataverse call.  The paging runs under
+    the job deadline (JOB_DEADLINE_SECONDS, validated against functionTimeout): a throttled run stops
+    waiting with the transient ``job_deadline_exceeded`` before the host abandons the timer invocation,
+    and the next schedule runs it again.
     """
     parse_roster(roster_csv)
     parse_snapshot(previous_snapshot)
     correlation_id = f"reconcile-{_iso(now)}"
-    users = list(runtime.users.all_users(correlation_id=correlation_id))
+    limit = runtime.settings.job_deadline_seconds
+    with deadline.within(limit, kind=deadline.JOB, setting="JOB_DEADLINE_SECONDS"):
+        users = list(runtime.users.all_users(correlation_id=correlation_id))
     runtime.users.prime(users)
     snapshot, report = reconcile(users, roster_csv, previous_snapshot, now=now)
     log.info("%s rosterFile=%s previousSnapshot=%s", summary(report),

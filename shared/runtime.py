@@ -1,4 +1,5 @@
-"""The per-instance objects, wired once: settings -> secrets -> tokens -> Dataverse -> users -> attribution.
+"""The per-instance objects, wired once: settings -> secrets -> tokens -> Dataverse -> users -> attribution
+-> authorization policy.
 
 Everything expensive to warm (the Key Vault secret, the token, the connection pool, the user
 cache) lives in these objects, so a warm Functions instance keeps them in one ``Runtime``,
@@ -14,6 +15,8 @@ from shared import logs
 from shared.attribution import AttributionGuard
 from shared.dataverse import DataverseClient
 from shared.keyring import KeyRing
+from shared.memberships import MembershipDirectory
+from shared.policy import Authorizer
 from shared.replay import ReplayGuard
 from shared.secrets import SecretStore
 from shared.settings import Settings, get_settings, reset_settings
@@ -33,7 +36,8 @@ class Runtime:
     webhook_keys: KeyRing
     message_keys: KeyRing
     replay: ReplayGuard
-    blobs: BlobStore = field(default_factory=BlobStore)  # AzureWebJobsStorage, at first use
+    policy: Authorizer
+    blobs: BlobStore = field(default_factory=BlobStore)  # AzureWebJobsStorage, at first use (claim-checks)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
@@ -51,9 +55,11 @@ class Runtime:
         # it (settle = refresh), and the old one is kept longer by the same margin (shared/keyring.py).
         message_keys = KeyRing(secrets, settings.message_secret_name, refresh_seconds=refresh,
                                grace_seconds=grace + 2 * refresh, settle_seconds=refresh)
+        memberships = MembershipDirectory(dataverse, ttl=settings.user_cache_ttl)
         blobs = BlobStore()  # AzureWebJobsStorage, resolved at first use
+        policy = Authorizer(settings, users, memberships, blobs=blobs)
         return cls(settings, secrets, tokens, dataverse, users, attribution, webhook_keys, message_keys,
-                   ReplayGuard(blobs), blobs)
+                   ReplayGuard(blobs), policy, blobs)
 
     def close(self) -> None:
         self.dataverse.close()

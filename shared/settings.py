@@ -83,6 +83,18 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("USER_CACHE_TTL_SECONDS", "900", "How long a found user stays cached per instance"),
     SettingSpec("USER_CACHE_NEGATIVE_TTL_SECONDS", "60", "How long 'no such user' stays cached"),
     SettingSpec(
+        "AUTHORIZATION_POLICY", "",
+        "The authorization policy as inline JSON (docs/authorization.md); empty: the default policy",
+    ),
+    SettingSpec(
+        "AUTHORIZATION_POLICY_BLOB", "",
+        "<container>/<path> of the policy JSON in the app's storage, re-read every minute; empty: none",
+    ),
+    SettingSpec(
+        "ALLOWED_ENTITY_SETS", "contacts,accounts,leads",
+        "Entity sets jobs may write when no policy is set (the default policy)",
+    ),
+    SettingSpec(
         "AZURE_AUTHORITY_HOST", "", "Entra authority host (azure-identity's own setting)", external=True
     ),
     SettingSpec("AZURE_CLIENT_ID", "", "User-assigned managed identity for Key Vault (azure-identity's own)",
@@ -225,6 +237,9 @@ class Settings:
     user_cache_negative_ttl: float = 60.0
     job_deadline_seconds: float = 480.0
     http_max_wait_seconds: float = 5.0
+    authorization_policy: str = ""
+    authorization_policy_blob: str = ""
+    allowed_entity_sets: str = "contacts,accounts,leads"
 
     @property
     def api_base(self) -> str:
@@ -300,6 +315,10 @@ class Settings:
             ),
             job_deadline_seconds=_job_deadline(value("JOB_DEADLINE_SECONDS"), timeout_seconds, env),
             http_max_wait_seconds=http_max_wait_seconds(env),
+            # validated (with the JSON path of each problem) by shared.policy at first use
+            authorization_policy=value("AUTHORIZATION_POLICY"),
+            authorization_policy_blob=value("AUTHORIZATION_POLICY_BLOB"),
+            allowed_entity_sets=value("ALLOWED_ENTITY_SETS"),
         )
 
 

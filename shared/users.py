@@ -236,3 +236,23 @@ class UserDirectory:
         self._cache[("id", user.systemuserid)] = entry
         if user.azure_ad_object_id:
             self._cache[("oid", user.azure_ad_object_id)] = entry
+
+
+def is_person(user: SystemUser) -> bool:
+    """Enabled, interactive (``accessmode`` 0 or unknown) and not an application user: somebody a job may
+    name.  Only these are shown by ``GET /api/users`` to a function-key holder."""
+    return not user.is_disabled and user.application_id is None and user.access_mode in (0, None)
+
+
+def find_user(directory: UserDirectory, email: str, *, everyone: bool = False) -> SystemUser:
+    """``GET /api/users?email=``: the user, or ActorError ``actor_not_found`` / ``actor_ambiguous``.
+
+    Without ``everyone`` (the admin-key route ``/api/users/any``) a disabled, application or
+    non-interactive user is answered exactly as if there were none, so the function key does not
+    reveal who exists but may not be acted for.
+    """
+    address = (email or "").strip()
+    user = directory.by_email(address, correlation_id="lookup_user")
+    if not everyone and not is_person(user):
+        raise ActorError(f"no Dynamics user has the email {address}", code="actor_not_found")
+    return user

@@ -9,9 +9,11 @@ The checks run in an order chosen for what an unauthenticated caller can learn a
    that cannot sign.  The timestamp window is checked first (no Key Vault read for a stale replay);
    a Key Vault failure is 503 with its code, a missing setting 500 naming it;
 3. JSON (400 ``invalid_json``), shape, every job (400 ``invalid_job`` naming ``jobs[i].field``), and
-   each job's size as the exact text that will be enqueued (413 ``job_too_large``).
-
-4. the replay window (409 ``replayed``; storage unavailable 503 with Retry-After, see
+   each job's size as the exact text that will be enqueued (413 ``job_too_large``);
+4. the source's authorization policy (403 ``forbidden_by_policy`` naming ``jobs[i].field``): tables,
+   operations, columns and who may be acted as (``shared.policy``) — it may ask Dataverse about the
+   actors (cached per instance);
+5. the replay window (409 ``replayed``; storage unavailable 503 with Retry-After, see
    ``shared.replay``) — last, so only a body that would be accepted is remembered.
 
 Each message is sealed with the app's own message key (``shared.messages``) so ``sync_job`` can tell
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from shared.errors import ConfigurationError, InvalidJob, SyncError
-from shared.jobs import MAX_JOB_BYTES, SOURCE, dumps, loads, parse_job, problems_message, text_size
+from shared.jobs import MAX_JOB_BYTES, SOURCE, Job, dumps, loads, parse_job, problems_message, text_size
 from shared.messages import sign
 
 if TYPE_CHECKING:
@@ -51,6 +53,9 @@ SIGNATURE_HEADER = "X-Signature"
 _MAX_SIGNATURES = 8
 _TIMESTAMP = re.compile(r"[0-9]{1,12}")
 _HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
+
+
+Authorize = Callable[[str, Sequence[tuple[str, Job]]], list[dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -248,14 +253,16 @@ def _jobs_of(payload: object) -> tuple[list[object], bool] | WebhookResult:
 Seal = Callable[[dict[str, Any]], dict[str, Any]]
 """Turns a stamped job into the queue message (``shared.messages.sign`` with the message key)."""
 
+Checked = tuple[list[str], list[str], list[tuple[str, Job]]]
+"""(job ids, queue messages, (where, job) pairs for the authorization policy)."""
 
-def _validate(
-    jobs: list[object], batched: bool, source: str, seal: Seal | None
-) -> tuple[list[str], list[str]] | WebhookResult:
+
+def _validate(jobs: list[object], batched: bool, source: str, seal: Seal | None) -> Checked | WebhookResult:
     """Every job checked, then stamped with the route's ``source`` (the scope of its idempotency key)
     and sealed; the size limit applies to the sealed text that is enqueued."""
     details: list[dict[str, Any]] = []
     ids: list[str] = []
+    parsed: list[tuple[str, Job]] = []
     first_index: dict[str, int] = {}
     for index, obj in enumerate(jobs):
         where = f"jobs[{index}]" if batched else ""
@@ -273,6 +280,7 @@ def _validate(
                             "message": f"duplicates jobs[{first_index[job.id]}].id; ids must be unique"})
         first_index.setdefault(job.id, index)
         ids.append(job.id)
+        parsed.append((where, job))
     if details:
         return _fail(400, "invalid_job", problems_message(details), details)
 
@@ -285,7 +293,7 @@ def _validate(
     ]
     if too_large:
         return _fail(413, "job_too_large", f"a job may be at most {MAX_JOB_BYTES} bytes of JSON", too_large)
-    return ids, messages
+    return ids, messages, parsed
 
 
 def handle_webhook(
@@ -296,11 +304,14 @@ def handle_webhook(
     *,
     now: float | None = None,
     refresh_key: Callable[[str], Keys | None] | None = None,
+    authorize: Authorize | None = None,
     seal: Seal | None = None,
     first_use: Callable[[int, str, bytes], bool] | None = None,
 ) -> WebhookResult:
     """``POST /api/webhooks/{source}``: 202 with one queue message per job, or an error and nothing.
 
+    ``authorize(source, [(where, job)])`` applies the source's authorization policy to the valid batch
+    and returns its refusals (``shared.policy.Authorizer.check_batch``): any -> 403 ``forbidden_by_policy``.
     ``seal`` signs each message for the queue (None: unsigned, for tests of the checks alone);
     ``first_use(t, source, body)`` is the replay window (None: no replay check).
     """
@@ -345,7 +356,12 @@ def handle_webhook(
         log.warning("source=%s webhook refused status=%d code=%s", source, checked.status,
                     checked.body["error"]["code"])
         return checked
-    ids, messages = checked
+    ids, messages, parsed = checked
+    if authorize is not None:
+        refused = authorize(source, parsed)
+        if refused:
+            log.warning("source=%s webhook refused status=403 code=forbidden_by_policy", source)
+            return _fail(403, "forbidden_by_policy", problems_message(refused), refused)
     if first_use is not None:
         replayed = _replayed(first_use, headers, source, body)
         if replayed is not None:
@@ -380,9 +396,10 @@ def _replayed(
 
 def receive_webhook(
     source: str, headers: Mapping[str, str], body: bytes, runtime: Callable[[], Runtime],
-    *, now: float | None = None,
+    *, now: float | None = None, authorize: Authorize | None = None,
 ) -> WebhookResult:
-    """``handle_webhook`` wired to the instance: rotating webhook keys, message sealing, replay window.
+    """``handle_webhook`` wired to the instance: rotating webhook keys, the source's policy (``authorize``),
+    message sealing, replay window.
 
     ``runtime`` is called only once a check needs it, so a request refused for free (size, type,
     missing signature) costs no Key Vault read and needs no settings.
@@ -394,6 +411,7 @@ def receive_webhook(
         lambda: runtime().webhook_keys.keys(),
         now=now,
         refresh_key=lambda stale: runtime().webhook_keys.reread(),
+        authorize=authorize,
         seal=lambda job: sign(job, source, runtime().message_keys.signing_key(), now=now),
         first_use=lambda t, src, data: runtime().replay.first_use(t, src, data),
     )

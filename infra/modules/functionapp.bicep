@@ -71,6 +71,15 @@ param jobDeadlineSeconds string
 param httpMaxWaitSeconds string
 param userCacheNegativeTtlSeconds string
 
+@description('AUTHORIZATION_POLICY: the authorization policy as inline JSON; empty for none (docs/authorization.md).')
+param authorizationPolicy string
+
+@description('AUTHORIZATION_POLICY_BLOB: <container>/<path> of the policy JSON in the app storage account; empty for none.')
+param authorizationPolicyBlob string
+
+@description('ALLOWED_ENTITY_SETS: entity sets jobs may write when no policy is set.')
+param allowedEntitySets string
+
 resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
   name: planName
   location: location
@@ -202,6 +211,18 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
           value: userCacheNegativeTtlSeconds
         }
         {
+          name: 'AUTHORIZATION_POLICY'
+          value: authorizationPolicy
+        }
+        {
+          name: 'AUTHORIZATION_POLICY_BLOB'
+          value: authorizationPolicyBlob
+        }
+        {
+          name: 'ALLOWED_ENTITY_SETS'
+          value: allowedEntitySets
+        }
+        {
           name: 'AZURE_CLIENT_ID'
           value: identityClientId
         }
@@ -224,6 +245,14 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
         {
           name: 'AzureWebJobsStorage__tableServiceUri'
           value: tableEndpoint
+        }
+        {
+          // The Python worker runs sync invocations on min(32, CPUs + 4) threads by default: ~5 on a Flex
+          // instance, fewer than host.json's queue concurrency (batchSize 16 + newBatchThreshold 8 = 24).
+          // An invocation waiting for a thread has already started functionTimeout's clock but not the
+          // job's deadline, which could then outlive it. 24 queue + 8 for HTTP and the timer (docs/design.md).
+          name: 'PYTHON_THREADPOOL_THREAD_COUNT'
+          value: '32'
         }
         {
           name: 'APPLICATIONINSIGHTS_CONNECTION_STRING'

@@ -15,6 +15,14 @@ param deployerPrincipalId string = ''
 ])
 param deployerPrincipalType string = 'User'
 
+@description('DATAVERSE_CREDENTIAL: certificate also lets the deployer create and import the Key Vault certificate.')
+@allowed([
+  'secret'
+  'federated'
+  'certificate'
+])
+param dataverseCredential string = 'secret'
+
 param storageAccountName string
 
 @description('The blob containers the app identity may use (storage.bicep output blobContainerNames); Blob Data Owner is granted on each, never on the account.')
@@ -24,6 +32,7 @@ param applicationInsightsName string
 
 var keyVaultSecretsUser = '4633458b-17de-408a-b874-0445c86b69e6'
 var keyVaultSecretsOfficer = 'b86a8fe4-44ce-4948-aee5-eccb2c155cd7'
+var keyVaultCertificatesOfficer = 'a4417e6f-fecd-4de8-b567-7b0420556985'
 var storageBlobDataOwner = 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b'
 var storageBlobDataContributor = 'ba92f5b4-2d11-453d-a403-e96b0029c9fe'
 var storageQueueDataContributor = '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
@@ -114,6 +123,18 @@ resource deployerKeyVaultSecretsOfficer 'Microsoft.Authorization/roleAssignments
   scope: vault
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', keyVaultSecretsOfficer)
+    principalId: deployerPrincipalId
+    principalType: deployerPrincipalType
+  }
+}
+
+// certificate mode: the deploying user creates or imports the certificate (`az keyvault certificate
+// create/import`, docs/credentials.md), which Secrets Officer does not allow.
+resource deployerKeyVaultCertificatesOfficer 'Microsoft.Authorization/roleAssignments@2022-04-01' = if ((dataverseCredential == 'certificate') && !empty(deployerPrincipalId)) {
+  name: guid(vault.id, deployerPrincipalId, keyVaultCertificatesOfficer)
+  scope: vault
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', keyVaultCertificatesOfficer)
     principalId: deployerPrincipalId
     principalType: deployerPrincipalType
   }

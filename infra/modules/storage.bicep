@@ -36,6 +36,7 @@ param appContainerNames array = [
   'webhook-replay' // the webhook's replay window (shared/replay.py)
   'dataverse-throttle' // the deployment-wide Dataverse throttle (shared/throttle.py)
   'bulk-records' // bulk jobs' claim-check blobs ("recordsBlob": "bulk-records/<path>", docs/bulk.md)
+  'config' // the authorization policy blob, AUTHORIZATION_POLICY_BLOB=config/<name>.json (shared/policy.py)
 ]
 
 @description('Subnet admitted through its Microsoft.Storage service endpoint; the account then denies every other network. Empty: no virtual network, the account accepts every network (still Entra RBAC only).')
@@ -95,8 +96,10 @@ resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
           action: 'Allow'
         }
       ] : []
+      // Storage refuses /31 and /32 ranges (the deployment fails): a /32 becomes its single address; a /31
+      // must be given as its two addresses.
       ipRules: [for ip in filter(allowedIpAddresses, address => !empty(trim(address))): {
-        value: trim(ip)
+        value: replace(trim(ip), '/32', '')
         action: 'Allow'
       }]
     }

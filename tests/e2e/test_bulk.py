@@ -46,7 +46,7 @@ def test_a_bulk_job_writes_its_records_and_dead_letters_the_bad_one(
     records: list[dict[str, Any]] = [
         {"key": {"emailaddress1": f"e{i}@x.io"}, "data": {"firstname": f"E{i}"}} for i in range(300)
     ]
-    records[42]["data"] = {"firstname": ["not", "a", "value"]}
+    records[42]["data"] = {"firstname": "E42", "colour": "red"}  # a column contacts does not have
     container = f"bulk-{uuid.uuid4().hex[:8]}"
     put_blob(
         azurite_connection,
@@ -85,7 +85,7 @@ def test_a_bulk_job_writes_its_records_and_dead_letters_the_bad_one(
     assert {r["_modifiedby_value"] for r in sandbox.records("contacts")} == {jane}
     (dead,) = map(json.loads, queue_texts(azurite_connection, f"{queue_name}-deadletter"))
     assert dead["bulk"] == {"job": "bulk-inline", "index": 42, "records": 300}
-    assert dead["reason"] == "dataverse_bad_request"
+    assert dead["reason"] == "invalid_column"
     assert dead["job"]["id"] == "bulk-inline.42" and dead["job"]["key"] == {"emailaddress1": "e42@x.io"}
     counters = sandbox.counters()["dataverse"]
     assert counters["bulk:records"] >= 1799

@@ -37,7 +37,9 @@ def test_a_throttled_job_ends_at_its_deadline_and_lands_once_when_retried(
         AzureFunctionsJobHost__functionTimeout="00:00:20",
         AzureFunctionsJobHost__extensions__queues__visibilityTimeout="00:00:02",
     )
-    sandbox.set_limits(requests=1, window_seconds=30)  # the actor lookup passes, WhoAmI is refused
+    # the webhook's policy check (actor lookup + roles/teams read) passes; sync_job finds both cached,
+    # and its WhoAmI is refused
+    sandbox.set_limits(requests=2, window_seconds=30)
     post_jobs(host, [contact_job("t-1", "ada@example.com", "jane@contoso.com")])
     host.wait_for(FAILED_ON_DEADLINE)
     assert sandbox.records("contacts") == []

@@ -17,6 +17,7 @@ from tests.infra.bicep import Infra, Template, accessor_chain, call, identifiers
 ROLES = {
     "Key Vault Secrets User": "4633458b-17de-408a-b874-0445c86b69e6",
     "Key Vault Secrets Officer": "b86a8fe4-44ce-4948-aee5-eccb2c155cd7",
+    "Key Vault Certificates Officer": "a4417e6f-fecd-4de8-b567-7b0420556985",
     "Storage Blob Data Owner": "b7e6dc6d-f1e8-4753-8033-0f276bb0955b",
     "Storage Blob Data Contributor": "ba92f5b4-2d11-453d-a403-e96b0029c9fe",
     "Storage Queue Data Contributor": "974c5e8b-45b9-4653-ba55-5f855dd0fb88",
@@ -42,6 +43,7 @@ APP_IDENTITY_ROLES = {
 }
 DEPLOYER_ROLES = {
     (ROLES["Key Vault Secrets Officer"], VAULT),
+    (ROLES["Key Vault Certificates Officer"], VAULT),  # certificate mode only: create/import the certificate
     (ROLES["Storage Blob Data Contributor"], STORAGE),
     (ROLES["Storage Queue Data Contributor"], STORAGE),
 }
@@ -55,6 +57,7 @@ HOST_SETTINGS = {
     "AzureWebJobsStorage__tableServiceUri",
     "APPLICATIONINSIGHTS_CONNECTION_STRING",
     "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
+    "PYTHON_THREADPOOL_THREAD_COUNT",  # the Python worker's
 }
 # Rejected or meaningless on Flex Consumption, or a shared-key connection string.
 FORBIDDEN_SETTINGS = {
@@ -191,8 +194,12 @@ def storage_network(infra: Infra) -> None:
     ip_rules = acls["ipRules"]["loop_type"]
     assert call(ip_rules["detail"]["array_name"], "filter") is not None, "blank entries are dropped"
     assert "allowedIpAddresses" in identifiers(ip_rules["detail"]["array_name"])
-    assert call(acls["ipRules"]["config"]["value"], "trim") == {
-        "string_to_trim": ip_rules["detail"]["item_name"]
+    # Storage rejects /31 and /32 ranges: a /32 is sent as the bare address
+    assert call(acls["ipRules"]["config"]["value"], "replace") == {
+        "original_string": {"function": {"type": "trim",
+                                         "parameters": {"string_to_trim": ip_rules["detail"]["item_name"]}}},
+        "old_string": "/32",
+        "new_string": "",
     }
     assert t.default("allowedIpAddresses") == []
     # main.bicep: the subnet whenever the app has one; the operators' addresses from their own parameter.
@@ -439,6 +446,11 @@ def role_assignments(infra: Infra) -> None:
                 f"{where}: only when a deployer principal is given"
             )
             deployer_roles.add((str(role), scope.type))
+            if role == ROLES["Key Vault Certificates Officer"]:
+                assert _and_terms(assignment.condition)[0] == {
+                    "operator": {"type": "equals",
+                                 "operands": {"operand_1": "dataverseCredential", "operand_2": "certificate"}}
+                }, f"{where}: only in certificate mode"
         else:
             raise AssertionError(f"{where}: unexpected principal {principal!r}")
     assert app_roles == APP_IDENTITY_ROLES, (
@@ -455,6 +467,7 @@ def role_assignments(infra: Infra) -> None:
     assert _main_source(infra, "rbac", "deployerPrincipalId") == "principalId"
     assert infra.main.default("principalId") == ""
     assert _main_source(infra, "rbac", "deployerPrincipalType") == "principalType"
+    assert _main_source(infra, "rbac", "dataverseCredential") == "dataverseCredential"
     assert infra.main.default("principalType") == "User"
     for param, module, output in (
         ("storageAccountName", "storage", "name"),
@@ -474,6 +487,14 @@ def role_assignments(infra: Infra) -> None:
     assert containers.loop is not None and containers.loop["detail"]["array_name"] == "blobContainerNames"
     assert containers.get("name") == containers.loop["detail"]["item_name"]
     assert t.symbol(t.symbol(containers.get("parent")).get("parent")).type == STORAGE
+
+
+def _and_terms(condition: object) -> list[object]:
+    """The operands of ``a && b`` (one term when it is not an and)."""
+    operator = condition.get("operator") if isinstance(condition, Mapping) else None
+    if isinstance(operator, Mapping) and operator.get("type") == "and":
+        return [operator["operands"]["operand_1"], operator["operands"]["operand_2"]]
+    return [condition]
 
 
 def _looped_scope(t: Template, assignment: Any, scope: object, guid_base: object, where: str) -> str:
@@ -656,6 +677,30 @@ def credential_modes(infra: Infra) -> None:
     assert main.variables["federatedIssuer"] == issuer
 
 
+# Threads beyond the queue trigger's concurrency: HTTP requests and the reconciliation timer.
+HTTP_HEADROOM_THREADS = 4
+
+
+def worker_threads(infra: Infra) -> None:
+    """Every invocation the host dispatches gets a worker thread at once.
+
+    functionTimeout counts from dispatch; a job's deadline (shared.deadline) from the moment a Python
+    worker thread runs it.  With fewer threads than the queue concurrency (batchSize + newBatchThreshold
+    per instance) invocations queue inside the worker, the deadline starts late and a job can outlive
+    functionTimeout (the host gives up on it and the message is redelivered while it still runs).
+    """
+    queues = json.loads((infra.root.parent / "host.json").read_text())["extensions"]["queues"]
+    concurrency = int(queues["batchSize"]) + int(queues["newBatchThreshold"])
+    value = app_settings_of(infra).get("PYTHON_THREADPOOL_THREAD_COUNT")
+    assert isinstance(value, str) and value.isdigit(), "PYTHON_THREADPOOL_THREAD_COUNT: a literal count"
+    assert int(value) >= concurrency + HTTP_HEADROOM_THREADS, (
+        f"PYTHON_THREADPOOL_THREAD_COUNT {value} < queue concurrency {concurrency} + {HTTP_HEADROOM_THREADS}"
+    )
+    # the local host runs with the same pool (local.settings.example.json, devstack's demo settings)
+    example = json.loads((infra.root.parent / "local.settings.example.json").read_text())["Values"]
+    assert example.get("PYTHON_THREADPOOL_THREAD_COUNT") == value, "local.settings.example.json differs"
+
+
 ALL: dict[str, Callable[[Infra], None]] = {
     "storage": storage,
     "storage_network": storage_network,
@@ -670,4 +715,5 @@ ALL: dict[str, Callable[[Infra], None]] = {
     "secrets_stay_in_key_vault": secrets_stay_in_key_vault,
     "outputs_for_azd": outputs_for_azd,
     "credential_modes": credential_modes,
+    "worker_threads": worker_threads,
 }

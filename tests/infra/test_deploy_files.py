@@ -10,6 +10,7 @@ import pathspec
 import pytest
 import yaml
 
+from shared.settings import SETTINGS
 from tests.infra.bicep import Infra
 from tests.infra.conftest import INFRA, ROOT
 
@@ -48,6 +49,45 @@ def test_bicepparam_reads_the_environment_with_main_bicep_defaults(infra: Infra)
     assert "AZURE_ENV_NAME" in values["environmentName"] and "AZURE_PRINCIPAL_ID" in values["principalId"]
     for name in ("dataverseClientSecret", "webhookSigningSecret"):
         assert infra.main.is_secure(name) and _ENV.search(values[name]).groups()[1] == ""  # type: ignore[union-attr]
+
+
+# Neither required nor an app setting, but they choose how the app runs: a redeploy must keep them.
+_MODE_PARAMETERS = {"dataverseAppUniqueName": "DATAVERSE_APP_UNIQUE_NAME"}
+
+
+def _description(infra: Infra, name: str) -> str:
+    for decorator in infra.main.parameters[name].get("decorators") or []:
+        if decorator.get("type") == "description":
+            return str(decorator["argument"])
+    return ""
+
+
+def test_bicepparam_reads_every_product_setting_from_its_environment_variable(infra: Infra) -> None:
+    """A setting changed with `azd env set` must survive the next `azd up`.
+
+    A main.bicep parameter that only keeps its default is reset to it by every deployment: with
+    DATAVERSE_CREDENTIAL that silently switched a migrated app back to 'secret'.  So every parameter that
+    is required, deploys an app setting (its description starts with the setting's name) or picks a mode
+    is read from the environment variable of the same name.
+    """
+    settings = {spec.name for spec in SETTINGS}
+    values = bicepparam()
+    expected: dict[str, str | None] = {}
+    for name in infra.main.parameters:
+        setting = _description(infra, name).split(":", 1)[0]
+        if setting in settings:
+            expected[name] = setting
+        elif name in _MODE_PARAMETERS:
+            expected[name] = _MODE_PARAMETERS[name]
+        elif infra.main.default(name) is None:
+            expected[name] = None
+    assert {"dataverseCredential", "jobDeadlineSeconds", "httpMaxWaitSeconds"} <= set(expected)
+    for name, variable in expected.items():
+        assert name in values, f"{name} is not read from the environment in main.bicepparam"
+        match = _ENV.search(values[name])
+        assert match, f"{name} must come from readEnvironmentVariable(...)"
+        if variable is not None:
+            assert match.group(1) == variable, f"{name} must read {variable}, not {match.group(1)}"
 
 
 def test_azure_yaml_declares_the_function_service() -> None:

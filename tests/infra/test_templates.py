@@ -52,6 +52,19 @@ OWNER = "8e3af657-a8ff-443c-a75c-2fe8c4bcb635"
 
 # (file, text to find exactly once, replacement, the check that must then fail)
 MUTATIONS = [
+    (
+        "modules/rbac.bicep",
+        "if ((dataverseCredential == 'certificate') && !empty(deployerPrincipalId))",
+        "if (!empty(deployerPrincipalId))",
+        "role_assignments",
+    ),
+    (
+        "main.bicep",
+        "    dataverseCredential: dataverseCredential\n    storageAccountName",
+        "    storageAccountName",
+        "role_assignments",
+    ),
+    ("modules/functionapp.bicep", "value: '32'", "value: '8'", "worker_threads"),
     ("modules/storage.bicep", "allowSharedKeyAccess: false", "allowSharedKeyAccess: true", "storage"),
     ("modules/storage.bicep", "allowBlobPublicAccess: false", "allowBlobPublicAccess: true", "storage"),
     ("modules/storage.bicep", "minimumTlsVersion: 'TLS1_2'", "minimumTlsVersion: 'TLS1_0'", "storage"),
@@ -73,7 +86,9 @@ MUTATIONS = [
     ),
     ("modules/storage.bicep", "bypass: 'None'", "bypass: 'AzureServices'", "storage_network"),
     ("modules/storage.bicep", "          id: appSubnetId\n", "          id: ''\n", "storage_network"),
-    ("modules/storage.bicep", "value: trim(ip)", "value: ip", "storage_network"),
+    ("modules/storage.bicep", "value: replace(trim(ip), '/32', '')", "value: replace(ip, '/32', '')",
+     "storage_network"),
+    ("modules/storage.bicep", "value: replace(trim(ip), '/32', '')", "value: trim(ip)", "storage_network"),
     (
         "main.bicep",
         "    appSubnetId: vnetIntegration ? network.outputs.appSubnetId : ''\n"

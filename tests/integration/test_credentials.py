@@ -138,17 +138,21 @@ def test_certificate_rotation_needs_no_restart(sandbox_env: SandboxClient, monke
 # --- errors --------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(("style", "aadsts"), [("current", 700213), ("legacy", 70021)])
 def test_no_matching_federated_credential_is_named_with_the_fix(
-    sandbox_env: SandboxClient, monkeypatch: pytest.MonkeyPatch
+    sandbox_env: SandboxClient, monkeypatch: pytest.MonkeyPatch, style: str, aadsts: int
 ) -> None:
+    """Current Entra: 401 invalid_client AADSTS700213 (the subject matches no record); older answers:
+    400 invalid_request AADSTS70021. azure-identity raises both as ClientAuthenticationError."""
     configure(sandbox_env, monkeypatch, "federated")
+    sandbox_env.set_federation_errors(style)
     sandbox_env.remove_federated_credentials()
     # a record for another identity does not match either (subject is the principal id, exactly)
     sandbox_env.add_federated_credential(name="other", subject=str(uuid.uuid4()))
     with pytest.raises(AuthError) as info:
         get_runtime().tokens.get_token()
     err = info.value
-    assert (err.code, err.transient, err.aadsts) == ("entra_federation_mismatch", False, 70021)
+    assert (err.code, err.transient, err.aadsts) == ("entra_federation_mismatch", False, aadsts)
     principal = sandbox_env.info["mi_principal_id"]
     assert err.details == [{
         "issuer": f"{sandbox_env.env['AZURE_AUTHORITY_HOST']}/{sandbox_env.tenant_id}/v2.0",
@@ -310,9 +314,13 @@ def test_entra_wire_for_client_assertions(sandbox: SandboxClient) -> None:
     assert refused(_signed(cert, {**good, "iss": str(uuid.uuid4())}))[2] == 700021
     assert refused(_signed(cert, {**good, "aud": "https://example.com/token"}))[2] == 50013
     assert refused("not-a-jwt")[:3] == (401, "invalid_client", 50027)
-    # a federated assertion nobody trusts: AADSTS70021 names what was presented
+    # a federated assertion nobody trusts: current Entra names the first claim no record has
     foreign = jwt.encode({"iss": "https://issuer.example", "sub": "someone", "aud": TOKEN_EXCHANGE_AUDIENCE,
                           "exp": now + 600}, "k" * 32, algorithm="HS256")
+    status, error, code, text = refused(foreign)
+    assert (status, error, code) == (401, "invalid_client", 700211)
+    assert "presented assertion issuer 'https://issuer.example'" in text
+    sandbox.set_federation_errors("legacy")  # AADSTS70021 named all three
     status, error, code, text = refused(foreign)
     assert (status, error, code) == (400, "invalid_request", 70021)
     assert ("Assertion Issuer: 'https://issuer.example'. Assertion Subject: 'someone'. "

@@ -613,3 +613,18 @@ def test_a_write_naming_an_unknown_column_is_refused_as_dataverse_does(dv: Datav
     assert dv.sandbox.records("contacts") == []
     assert dv.call("POST", "contacts", json={"firstname": "Ada", "jobtitle": "Countess"}).status_code == 204
     assert dv.call("POST", "accounts", json={"name": "A", "colour": "red"}).status_code == 400
+
+
+def test_stock_tables_take_system_and_customer_added_columns(dv: Dataverse) -> None:
+    """createdon/modifiedon are ignored as Dataverse ignores them; a column a maker added to a stock table
+    (publisher prefix) is written once the test adds it through the control API."""
+    assert dv.call("POST", "contacts", json={"firstname": "Ada", "createdon": "2020-01-01T00:00:00Z",
+                                             "modifiedon": "2020-01-01T00:00:00Z"}).status_code == 204
+    (ada,) = dv.sandbox.records("contacts")
+    assert not ada["createdon"].startswith("2020")
+    assert dv.call("POST", "contacts", json={"cr123_externalid": "X-1"}).status_code == 400
+    dv.sandbox.add_entity("contacts", "contactid", alternate_keys=[["emailaddress1"]],
+                          columns=["cr123_externalid"])
+    assert dv.call("POST", "contacts", json={"cr123_externalid": "X-1"}).status_code == 204
+    dv.sandbox.add_entity("accounts", "accountid", alternate_keys=[["cr123_accountcode"]])
+    assert dv.call("POST", "accounts", json={"name": "A", "cr123_accountcode": "A-1"}).status_code == 204

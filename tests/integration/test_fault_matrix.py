@@ -354,8 +354,10 @@ ROWS: list[Row] = [
     Row("dataverse-404-update-missing", (DeadLettered("record_not_found"),),
         message=job(operation="update", key=RECORD_ID), records=0, author=None),
     # A job naming a table or a column that does not exist: its own reason, naming what is missing.
+    # (the authorization policy must let the table through to reach Dataverse: otherwise forbidden_by_policy)
     Row("dataverse-404-entity-not-found", (DeadLettered("entity_not_found"),),
-        message=job(entity="contactz"), records=0, author=None, check=dead_letter_says("'contactz'")),
+        message=job(entity="contactz"), records=0, author=None, check=dead_letter_says("'contactz'"),
+        arrange=env(ALLOWED_ENTITY_SETS="contacts,contactz")),
     Row("dataverse-400-unknown-column", (DeadLettered("invalid_column"),),
         message=job(data={"firstname": "Ada", "colour": "red"}), records=0, author=None,
         check=dead_letter_says("data.colour: ")),

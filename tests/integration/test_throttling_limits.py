@@ -78,14 +78,7 @@ def test_diagnostics_answers_503_with_retry_after_when_throttled(sandbox_env: Sa
     assert dataverse(sbx)["status:429"] == 1
 
 
-def test_the_webhook_never_calls_dataverse(sandbox_env: SandboxClient) -> None:
-    sbx = sandbox_env
-    sbx.set_limits(requests=1, window_seconds=WINDOW)
-    key = "throttle-webhook-key"
-    sbx.set_secret(sbx.env["WEBHOOK_SECRET_NAME"], key)
-    job = {"id": "wh-1", "entity": "contacts", "operation": "upsert",
-           "key": {"emailaddress1": "ada@example.com"}, "data": {"firstname": "Ada"},
-           "actAs": {"email": "jane@contoso.com"}}
+def _webhook(key: str, job: dict[str, Any]) -> tuple[func.HttpResponse, Out]:
     body = json.dumps(job).encode()
     headers = {"Content-Type": "application/json",
                "X-Signature": signature_header(key.encode(), body, int(time.time()), source="crm")}
@@ -95,5 +88,28 @@ def test_the_webhook_never_calls_dataverse(sandbox_env: SandboxClient) -> None:
                          body=body),
         out,
     )
+    return response, out
+
+
+def test_the_webhook_never_waits_on_dataverse(sandbox_env: SandboxClient) -> None:
+    """The authorization policy looks actors up at the webhook (issue 8): those requests are bounded by
+    HTTP_MAX_WAIT_SECONDS like /api/users, and a job with no actor to check asks Dataverse nothing."""
+    sbx = sandbox_env
+    sbx.set_limits(requests=1, window_seconds=WINDOW)
+    key = "throttle-webhook-key"
+    sbx.set_secret(sbx.env["WEBHOOK_SECRET_NAME"], key)
+    job = {"id": "wh-1", "entity": "contacts", "operation": "upsert",
+           "key": {"emailaddress1": "ada@example.com"}, "data": {"firstname": "Ada"}}
+    response, out = _webhook(key, job)
     assert response.status_code == 202 and out.was_set
-    assert dataverse(sbx) == {}  # not one request: throttling can never hold the webhook
+    assert dataverse(sbx) == {}  # no actor: not one request
+
+    # two actors, looked up on pool threads (which must inherit the wait limit): the window's one request
+    # goes to one lookup, the rest is throttled for WINDOW seconds -> 503 at once, nothing enqueued
+    batch = {"jobs": [{**job, "id": "wh-2", "actAs": {"email": "jane@contoso.com"}},
+                      {**job, "id": "wh-3", "actAs": {"email": "john@contoso.com"}}]}
+    response, out = _webhook(key, batch)
+    assert response.status_code == 503 and not out.was_set
+    assert WINDOW - 5 <= int(response.headers["Retry-After"]) <= WINDOW
+    assert json.loads(response.get_body())["error"]["code"] == "dataverse_throttled"
+    assert 1 <= dataverse(sbx)["status:429"] <= 3  # each throttled request asked once, none waited

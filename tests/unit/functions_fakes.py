@@ -15,6 +15,8 @@ from typing import Any
 from shared.dataverse import Caller, WriteResult
 from shared.errors import ActorError, SyncError
 from shared.keyring import KeyRing
+from shared.memberships import Membership
+from shared.policy import Authorizer
 from shared.settings import Settings
 from shared.users import SystemUser
 from tests.signing import UNIT_MESSAGE_KEY
@@ -73,7 +75,7 @@ class FakeUsers:
     def by_email(self, email: str, *, correlation_id: str | None = None) -> SystemUser:
         found = [u for u in self.users if (u.email or "").lower() == email.strip().lower()]
         if not found:
-            raise ActorError(f"no user has email {email}", code="actor_not_found")
+            raise ActorError(f"no Dynamics user has the email {email}", code="actor_not_found")
         if len(found) > 1:
             raise ActorError(
                 f"{len(found)} users share email {email}",
@@ -318,6 +320,18 @@ class FakeAttribution:
         self.forgotten.append(systemuserid)
 
 
+class FakeMemberships:
+    """Roles and teams per systemuserid (none unless given); counts lookups like MembershipDirectory."""
+
+    def __init__(self, held: Mapping[str, Membership] | None = None) -> None:
+        self.held = dict(held or {})
+        self.queries = 0
+
+    def of(self, systemuserid: str, *, correlation_id: str | None = None) -> Membership:
+        self.queries += 1
+        return self.held.get(systemuserid, Membership(systemuserid, (), ()))
+
+
 @dataclass
 class FakeRuntime:
     settings: Settings = field(default_factory=settings)
@@ -327,6 +341,8 @@ class FakeRuntime:
     users: Any = field(default_factory=FakeUsers)
     attribution: Any = field(default_factory=FakeAttribution)
     replay: Any = field(default_factory=lambda: FakeReplay())
+    memberships: Any = field(default_factory=lambda: FakeMemberships())
+    policy: Any = None  # the real Authorizer over the fake users and memberships
     closed: bool = False
     _rings: dict[tuple[int, str], KeyRing] = field(default_factory=dict)
 
@@ -344,6 +360,10 @@ class FakeRuntime:
     @property
     def message_keys(self) -> KeyRing:
         return self._ring(self.settings.message_secret_name)
+
+    def __post_init__(self) -> None:
+        if self.policy is None:
+            self.policy = Authorizer(self.settings, self.users, self.memberships)
 
     def close(self) -> None:
         self.closed = True

@@ -740,3 +740,24 @@ def test_an_unknown_entity_set_is_entity_not_found(
     with pytest.raises(DataverseError) as info:
         client.update("contacts", RECORD, {"firstname": "Ada"})
     assert info.value.code == "record_not_found"
+
+
+def test_no_request_starts_when_the_token_fetch_ran_past_the_job_deadline(
+    clock: Clock, mock: responses.RequestsMock
+) -> None:
+    """The deadline is checked before the token fetch and again after it: Entra or Key Vault may be slow."""
+    from shared import deadline
+    from shared.deadline import DeadlineExceeded
+
+    class SlowTokens(FakeTokens):
+        def get_token(self) -> str:
+            clock.now += 20.0  # a slow Entra / Key Vault round trip
+            return super().get_token()
+
+    client = DataverseClient(SETTINGS, SlowTokens(), sleep=clock.sleep, clock=clock, jitter=lambda: 1.0)  # type: ignore[arg-type]
+    mock.get(API + "WhoAmI", json={})
+    job = deadline.within(10, kind=deadline.JOB, setting="JOB_DEADLINE_SECONDS", clock=clock)
+    with job, pytest.raises(DeadlineExceeded) as caught:
+        client.request("GET", "WhoAmI")
+    assert caught.value.code == "job_deadline_exceeded"
+    assert len(mock.calls) == 0

@@ -6,6 +6,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 from typing import Any
@@ -180,13 +181,25 @@ def test_an_inner_scope_never_extends_an_outer_deadline() -> None:
     assert deadline.current() is None
 
 
-def test_the_deadline_belongs_to_the_thread_that_set_it() -> None:
-    seen: list[object] = []
-    with job_scope(10):
-        worker = threading.Thread(target=lambda: seen.append(deadline.current()))
-        worker.start()
-        worker.join()
-    assert seen == [None]
+def test_a_pool_thread_s_next_invocation_does_not_see_the_previous_deadline() -> None:
+    """The Functions worker reuses its pool threads: one invocation's deadline must end with it.
+
+    (A new thread never inherits context variables, so only a reused thread shows a leak.)
+    """
+    seen: list[deadline.Deadline | None] = []
+
+    def with_a_deadline() -> None:
+        with job_scope(10):
+            seen.append(deadline.current())
+
+    def without() -> None:
+        seen.append(deadline.current())
+
+    with ThreadPoolExecutor(max_workers=1) as pool:  # one thread: the second call reuses it
+        threads = [pool.submit(lambda: (with_a_deadline(), threading.get_ident())[1]).result(),
+                   pool.submit(lambda: (without(), threading.get_ident())[1]).result()]
+    assert threads[0] == threads[1]
+    assert seen[0] is not None and seen[1] is None
 
 
 # --- single-flight followers ---------------------------------------------------------------------
@@ -331,3 +344,99 @@ def test_budget_is_cut_to_what_the_deadline_leaves() -> None:
         assert deadline.budget(2) == 2
         clock.now += 20
         assert deadline.budget(300) == 0
+
+
+
+class ThrottledLookup:
+    """A user lookup answered 429 with Retry-After 30 s: what DataverseClient does is ``check_wait(30)``.
+
+    The leader (the first caller) stays inside the call until a follower is waiting for it.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[str] = []
+        self.leading = threading.Event()
+        self.follower_waiting = threading.Event()
+        real = deadline.wait_event
+
+        def signalling(wait: Callable[[float | None], bool], what: str) -> None:
+            self.follower_waiting.set()
+            real(wait, what)
+
+        monkeypatch.setattr("shared.singleflight.wait_event", signalling)
+
+    def __call__(self) -> str:
+        current = deadline.current()
+        assert current is not None
+        self.calls.append(current.kind)
+        if len(self.calls) == 1:
+            self.leading.set()
+            assert self.follower_waiting.wait(10)
+        current.check_wait(30, "GET systemusers answered 429", DataverseError(
+            "throttled", code="dataverse_throttled", transient=True, retry_after=30))
+        return "found"
+
+    def lead(self, flight: SingleFlight[str], scope: Callable[[], Scope]) -> list[object]:
+        """Start the leader in its own thread; its outcome lands in the returned list."""
+        outcome: list[object] = []
+
+        def run() -> None:
+            with scope():
+                try:
+                    outcome.append(flight.do("user", self))
+                except Exception as exc:  # the leader's own outcome, checked by the test
+                    outcome.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        self.thread = thread
+        assert self.leading.wait(10)
+        return outcome
+
+
+def test_a_follower_with_time_left_does_not_inherit_the_leaders_deadline_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The leader (an HTTP request, 5 s) will not wait out a 30 s Retry-After; a job following it (600 s)
+    makes the call itself instead of failing with the leader's throttle error."""
+    flight: SingleFlight[str] = SingleFlight()
+    lookup = ThrottledLookup(monkeypatch)
+    led = lookup.lead(flight, lambda: http_scope(5))
+    try:
+        with job_scope(600):
+            assert flight.do("user", lookup) == "found"
+    finally:
+        lookup.thread.join()
+    assert isinstance(led[0], DataverseError) and led[0].code == "dataverse_throttled"  # the leader's own
+    assert lookup.calls == [deadline.HTTP, deadline.JOB]  # the follower made its own call
+
+
+def test_a_follower_with_no_more_time_fails_by_its_own_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    flight: SingleFlight[str] = SingleFlight()
+    lookup = ThrottledLookup(monkeypatch)
+    led = lookup.lead(flight, lambda: http_scope(5))
+    try:
+        with http_scope(10), pytest.raises(DataverseError) as raised:  # 10 s < the 30 s Retry-After
+            flight.do("user", lookup)
+    finally:
+        lookup.thread.join()
+    assert raised.value is led[0]
+    assert lookup.calls == [deadline.HTTP]  # one call: the follower could not have waited either
+
+
+def test_an_http_follower_of_a_job_that_ran_out_gets_its_own_kind_of_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A job leader near its end raises job_deadline_exceeded; an HTTP follower that cannot wait 30 s either
+    answers as an HTTP trigger does: the throttle error (503 with Retry-After), not the job's code."""
+    flight: SingleFlight[str] = SingleFlight()
+    lookup = ThrottledLookup(monkeypatch)
+    led = lookup.lead(flight, lambda: job_scope(10))
+    try:
+        with http_scope(5), pytest.raises(DataverseError) as raised:
+            flight.do("user", lookup)
+    finally:
+        lookup.thread.join()
+    assert isinstance(led[0], DeadlineExceeded) and led[0].code == "job_deadline_exceeded"
+    assert (raised.value.code, raised.value.retry_after) == ("dataverse_throttled", 30)
+    assert lookup.calls == [deadline.JOB]

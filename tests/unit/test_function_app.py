@@ -66,6 +66,7 @@ def test_every_function_is_indexed_without_settings(indexed: dict[str, Any]) -> 
         "sync_job",
         "webhook",
         "lookup_user",
+        "lookup_user_any",
         "health",
         "diagnostics",
         "reconcile_users",
@@ -332,9 +333,14 @@ def test_lookup_user_200(runtime: FakeRuntime) -> None:
     }
 
 
-def test_lookup_disabled_user_is_200_with_the_flag(runtime: FakeRuntime) -> None:
-    response = function_app.lookup_user(users_request(DISABLED.email))
-    assert response.status_code == 200 and body_of(response)["isDisabled"] is True
+def test_lookup_hides_a_disabled_user_unless_asked_with_the_admin_route(runtime: FakeRuntime) -> None:
+    hidden = function_app.lookup_user(users_request(DISABLED.email))
+    assert hidden.status_code == 404 and body_of(hidden)["error"]["code"] == "actor_not_found"
+    missing = function_app.lookup_user(users_request("nobody@contoso.com"))
+    assert body_of(hidden)["error"]["message"] == body_of(missing)["error"]["message"].replace(
+        "nobody@contoso.com", DISABLED.email or "")  # the same answer as for nobody
+    shown = function_app.lookup_user_any(users_request(DISABLED.email))
+    assert shown.status_code == 200 and body_of(shown)["isDisabled"] is True
 
 
 @pytest.mark.parametrize(

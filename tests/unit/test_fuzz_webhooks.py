@@ -38,7 +38,7 @@ FUZZ = settings(
 )
 KEY = "webhook-KEY-value-456"
 NOW = 1_700_000_000
-DOCUMENTED = {202, 400, 401, 413, 415, 503}
+DOCUMENTED = {202, 400, 401, 403, 413, 415, 503}
 # Refused before the signing key is read: an unauthenticated caller must not cost a Key Vault read.
 BEFORE_THE_KEY = {
     "invalid_source", "payload_too_large", "unsupported_media_type",
@@ -194,6 +194,8 @@ def assert_documented(result: WebhookResult, key: KeySource, body: bytes, source
     assert key.calls == (0 if error["code"] in BEFORE_THE_KEY else 1), error["code"]
     if result.status == 503:
         assert error["code"] == "signing_key_unavailable" and key.mode in ("transient", "forbidden", "empty")
+    if result.status == 403:  # the authorization policy, applied only to a signed, valid batch
+        assert error["code"] == "forbidden_by_policy" and key.mode == "ok" and error["details"]
     if result.status == 500:
         assert error["details"] == [{"setting": "KEY_VAULT_URL"}]
 

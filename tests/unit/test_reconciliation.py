@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -212,3 +213,28 @@ def test_bad_roster_costs_no_dataverse_call() -> None:
     with pytest.raises(ReconciliationError):
         run_reconciliation(runtime, "name\nx\n", None, now=NOW)  # type: ignore[arg-type]
     assert runtime.users.all_users_calls == 0 and runtime.users.primed is None
+
+
+def test_the_user_paging_stops_at_the_job_deadline() -> None:
+    """Throttled paging would otherwise run past functionTimeout: the host abandons the timer mid-run."""
+    from shared import deadline
+    from shared.deadline import DeadlineExceeded
+
+    seen: list[deadline.Deadline | None] = []
+
+    class ThrottledUsers(FakeUsers):  # type: ignore[misc]
+        def all_users(self, *, correlation_id: str | None = None) -> list[Any]:
+            current = deadline.current()
+            seen.append(current)
+            assert current is not None
+            current.check_wait(10_000, "GET systemusers answered 429")  # what DataverseClient does
+            raise AssertionError("not reached")
+
+    runtime = FakeRuntime(users=ThrottledUsers())
+    with pytest.raises(DeadlineExceeded) as raised:
+        run_reconciliation(runtime, ROSTER, None, now=NOW)  # type: ignore[arg-type]
+    assert (raised.value.code, raised.value.transient) == ("job_deadline_exceeded", True)
+    (used,) = seen
+    assert used is not None and used.kind == deadline.JOB
+    assert used.seconds == runtime.settings.job_deadline_seconds
+    assert deadline.current() is None
