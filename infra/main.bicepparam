@@ -26,6 +26,9 @@ param dataverseAppUniqueName = readEnvironmentVariable('DATAVERSE_APP_UNIQUE_NAM
 // Product settings (README, "Settings"): a value you change stays changed across deployments.
 param dataverseClientSecretName = readEnvironmentVariable('DATAVERSE_CLIENT_SECRET_NAME', 'dataverse-client-secret')
 param webhookSecretName = readEnvironmentVariable('WEBHOOK_SECRET_NAME', 'webhook-signing-secret')
+param messageSigningSecretName = readEnvironmentVariable('MESSAGE_SIGNING_SECRET_NAME', 'queue-message-signing-key')
+param webhookKeyGraceSeconds = readEnvironmentVariable('WEBHOOK_KEY_GRACE_SECONDS', '600')
+param webhookKeyRefreshSeconds = readEnvironmentVariable('WEBHOOK_KEY_REFRESH_SECONDS', '300')
 param dataverseApiVersion = readEnvironmentVariable('DATAVERSE_API_VERSION', 'v9.2')
 param syncQueueName = readEnvironmentVariable('SYNC_QUEUE_NAME', 'dynamics-sync')
 param reconcileSchedule = readEnvironmentVariable('RECONCILE_SCHEDULE', '0 0 */6 * * *')
@@ -51,5 +54,6 @@ param keyVaultAllowedIpAddresses = split(readEnvironmentVariable('KEY_VAULT_ALLO
 param storageAllowedIpAddresses = split(readEnvironmentVariable('STORAGE_ALLOWED_IPS', ''), ',')
 
 // The authorization policy (docs/authorization.md): a blob path in the app's storage, or the default policy's tables.
+param authorizationPolicy = readEnvironmentVariable('AUTHORIZATION_POLICY', '')
 param authorizationPolicyBlob = readEnvironmentVariable('AUTHORIZATION_POLICY_BLOB', '')
 param allowedEntitySets = readEnvironmentVariable('ALLOWED_ENTITY_SETS', 'contacts,accounts,leads')

@@ -16,6 +16,7 @@ from devstack.control import SandboxClient
 from shared.webhooks import signature_header
 from tests.e2e.conftest import MASTER_KEY, HostProcess, queue_texts, send_raw
 from tests.e2e.test_function_app import WEBHOOK_KEY, start_app  # noqa: F401  (the fixture)
+from tests.signing import signed_for
 
 pytestmark = pytest.mark.e2e
 
@@ -131,12 +132,13 @@ def test_what_the_policy_forbids_is_refused_at_the_webhook_and_dead_lettered_fro
         f"jobs[{i + 1}].{field}" for i, (_, _, field) in enumerate(a for a in attacks if a[0] == "crm")]
     assert queue_texts(azurite_connection, queue_name) == []
 
-    # the same jobs put on the queue directly (stamped with their source, as the webhook would)
+    # the same jobs put on the queue directly (stamped with their source and signed, as the webhook would:
+    # the policy is enforced again at sync_job, not only at the webhook)
     for source, job, _ in attacks:
-        stamped = json.dumps({**job, "source": source}).encode()
+        stamped = signed_for(sandbox, job, source=source).encode()
         send_raw(azurite_connection, queue_name, base64.b64encode(stamped).decode())
-    send_raw(azurite_connection, queue_name, base64.b64encode(json.dumps({**fine, "source": "crm"}).encode())
-             .decode())
+    allowed = signed_for(sandbox, fine, source="crm").encode()
+    send_raw(azurite_connection, queue_name, base64.b64encode(allowed).decode())
     host.wait_for(r"Executed 'Functions.sync_job' \(Succeeded", count=len(attacks) + 1, timeout=60)
     dead = [json.loads(t) for t in queue_texts(azurite_connection, f"{queue_name}-deadletter")]
     assert sorted((d["job"]["id"], d["reason"]) for d in dead) == sorted(
