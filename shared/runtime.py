@@ -8,17 +8,20 @@ built lazily at first use: importing the app never reads a setting or opens a co
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 
 from shared import logs
 from shared.attribution import AttributionGuard
 from shared.dataverse import DataverseClient
+from shared.errors import ConfigurationError
 from shared.memberships import MembershipDirectory
 from shared.policy import Authorizer
 from shared.secrets import SecretStore
 from shared.settings import Settings, get_settings, reset_settings
-from shared.storage import BlobStore
+from shared.storage import BlobStore, resolve
+from shared.throttle import BlobStateStore, DeploymentThrottle, NoThrottle, blob_name
 from shared.tokens import TokenProvider
 from shared.users import UserDirectory
 
@@ -38,13 +41,13 @@ class Runtime:
     def from_settings(cls, settings: Settings) -> Runtime:
         secrets = SecretStore(settings.key_vault_url)
         tokens = TokenProvider(settings, secrets)
-        dataverse = DataverseClient(settings, tokens)
+        blobs = BlobStore()
+        dataverse = DataverseClient(settings, tokens, throttle=build_throttle(settings, blobs))
         users = UserDirectory(
             dataverse, ttl=settings.user_cache_ttl, negative_ttl=settings.user_cache_negative_ttl
         )
         attribution = AttributionGuard(dataverse, ttl=settings.user_cache_ttl)
         memberships = MembershipDirectory(dataverse, ttl=settings.user_cache_ttl)
-        blobs = BlobStore()
         policy = Authorizer(settings, users, memberships, blobs=blobs)
         return cls(settings, secrets, tokens, dataverse, users, attribution, policy, blobs)
 
@@ -52,6 +55,34 @@ class Runtime:
         self.dataverse.close()
         self.secrets.close()
         self.blobs.close()
+
+
+def build_throttle(settings: Settings, blobs: BlobStore) -> DeploymentThrottle | NoThrottle:
+    """The deployment throttle: shared through the host's storage when it is configured (or forced).
+
+    ``DATAVERSE_SHARED_THROTTLE=false`` keeps the client's per-request Retry-After handling only;
+    ``true`` without a usable storage setting still throttles per instance (and says so once).
+    """
+    if settings.shared_throttle == "false":
+        return NoThrottle()
+    try:
+        resolve()
+        configured = True
+    except ConfigurationError:
+        configured = False
+    if not configured:
+        if settings.shared_throttle == "auto":
+            return NoThrottle()
+        logging.getLogger("shared.throttle").warning(
+            "DATAVERSE_SHARED_THROTTLE=true but no storage is configured (AzureWebJobsStorage): "
+            "throttling per instance only")
+    store = BlobStateStore(blobs, blob_name(settings.dataverse_url, settings.client_id)) if configured else None
+    return DeploymentThrottle(
+        store,
+        refresh_seconds=settings.throttle_refresh_seconds,
+        heartbeat_seconds=settings.throttle_heartbeat_seconds,
+        grow_after=settings.throttle_grow_after,
+    )
 
 
 _lock = threading.Lock()
