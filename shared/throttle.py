@@ -168,7 +168,11 @@ class BlobStateStore:
 
     def read(self, etag: str | None) -> tuple[dict[str, Any] | None, str | None] | object:
         from azure.core import MatchConditions
-        from azure.core.exceptions import ResourceNotFoundError, ResourceNotModifiedError
+        from azure.core.exceptions import (
+            ResourceModifiedError,
+            ResourceNotFoundError,
+            ResourceNotModifiedError,
+        )
 
         kwargs: dict[str, Any] = {}
         if etag:
@@ -176,7 +180,9 @@ class BlobStateStore:
         try:
             downloader = self._client().download_blob(**kwargs)
             data = downloader.readall()
-        except ResourceNotModifiedError:
+        except (ResourceNotModifiedError, ResourceModifiedError):
+            # Azure answers a GET whose If-None-Match still matches with 304; Azurite with 412
+            # ConditionNotMet. Both mean: nothing changed since ``etag``.
             return NOT_MODIFIED
         except ResourceNotFoundError:
             return None, None
