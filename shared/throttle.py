@@ -16,6 +16,11 @@ refused request extends the penalty (Learn: "the duration will be extended").  S
   environment) divided by the number of live instances (heartbeats in the same blob).  A 429 halves
   the limit, once per throttling episode, on every instance (the episode counter ``cut`` in the
   blob); ``DATAVERSE_THROTTLE_GROW_AFTER`` successes in a row add one slot back, up to the ceiling.
+* **Pacing.**  Concurrency alone cannot hold many instances under a request budget (every live
+  instance keeps at least one request in flight).  After the first episode an instance spaces its
+  sends at the rate the service actually granted it over the last cycle (successes ÷ time since
+  the previous episode began, waits included), and grows that rate by 5 % per
+  ``DATAVERSE_THROTTLE_GROW_AFTER`` successes, so the deployment settles just under the budget.
 * **Bounded waits.**  A wait (window or slot) never exceeds the budget the caller passes (what is
   left of ``DATAVERSE_MAX_RETRY_SECONDS``); beyond it the request fails as ``dataverse_throttled``
   (transient) WITHOUT being sent, and the queue redelivers the job later.  No message is held
@@ -59,6 +64,8 @@ STALE_HEARTBEATS = 3  # an instance whose heartbeat is older than this many peri
 FORGET_HEARTBEATS = 20  # ... and is removed from the blob at the next write
 WRITE_ATTEMPTS = 5  # conditional-write conflicts tolerated before giving up on one update
 DEFAULT_RETRY_AFTER = 1.0
+PACE_GROWTH = 1.05  # paced rate x this per ``grow_after`` successes in a row
+PACE_FLOOR = 0.2  # requests/s: pacing never goes below this per instance
 
 
 def blob_name(dataverse_url: str, client_id: str) -> str:
@@ -277,6 +284,15 @@ class DeploymentThrottle:
         self._degraded_logged = False
         self.dop_hint: int | None = None
         self.active_instances = 1
+        # Pacing: after the first throttling episode, sends are spaced at the rate the service
+        # actually granted this instance over the last episode's cycle (successes / time), growing
+        # by PACE_GROWTH every ``grow_after`` successes.  None: not paced (no episode seen yet).
+        self.rate: float | None = None
+        self._granted = 0
+        self._episode_at = clock()
+        self._next_send = 0.0
+        self._paced_streak = 0
+        self._grow_after = max(1, grow_after)
 
     @property
     def shared(self) -> bool:
@@ -308,6 +324,7 @@ class DeploymentThrottle:
             self.stats.waits += 1
             self._sleep(wait)
             self._maybe_refresh()  # another instance may have extended the window meanwhile
+        self._pace(started, budget, label)
         left = max(0.0, budget - (self._clock() - started))
         if not self.limiter.acquire(left):
             self.stats.refused += 1
@@ -330,6 +347,13 @@ class DeploymentThrottle:
             self.limiter.set_ceiling(self._ceiling(), jump=first)
         if status != 429:
             self.limiter.succeeded()
+            with self._lock:
+                self._granted += 1
+                if self.rate is not None:
+                    self._paced_streak += 1
+                    if self._paced_streak >= self._grow_after:
+                        self._paced_streak = 0
+                        self.rate *= PACE_GROWTH
             return
         self.stats.throttled += 1
         now = self._clock()
@@ -338,10 +362,42 @@ class DeploymentThrottle:
             new_episode = now >= self.until
             self.until = max(self.until, until)
         if new_episode:
+            self._new_episode(now)
             self.limiter.throttled()
             self._record(f"429 {code or ''}: halve to {self.limiter.limit}, until +{until - now:.1f}s")
         if self.store is not None:
             self._publish(until, code, new_episode)
+
+    def _new_episode(self, now: float) -> None:
+        """Pace at what the service granted since the last episode began (waits included)."""
+        with self._lock:
+            span = now - self._episode_at
+            granted, self._granted, self._episode_at = self._granted, 0, now
+            self._paced_streak = 0
+            if granted > 0 and span > 0:
+                measured = granted / span
+                self.rate = max(PACE_FLOOR, measured if self.rate is None else min(self.rate, measured))
+            elif self.rate is not None:
+                self.rate = max(PACE_FLOOR, self.rate / 2)
+
+    def _pace(self, started: float, budget: float, label: str) -> None:
+        """Space this instance's sends at ``rate`` (a reservation per send; bounded by ``budget``)."""
+        if self.rate is None:
+            return
+        with self._lock:
+            now = self._clock()
+            at = max(now, self._next_send)
+            wait = at - now
+            if (now - started) + wait > budget:
+                self.stats.refused += 1
+                raise DataverseError(
+                    f"{label}: paced at {self.rate:.2f} requests/s after throttling, the next send slot "
+                    f"is {wait:.1f} s away, beyond this request's wait budget; not sent",
+                    status=None, code="dataverse_throttled", transient=True, retry_after=wait,
+                )
+            self._next_send = at + 1.0 / (self.rate or 1.0)
+        if wait > 0:
+            self._sleep(wait)
 
     # -- storage -----------------------------------------------------------------------------------
 
@@ -411,6 +467,7 @@ class DeploymentThrottle:
             self.stats.learned += 1
         if newer_cut and learned:
             # Another instance opened a throttling episode: back off here too, once.
+            self._new_episode(now)
             self.limiter.throttled()
             self._record(f"learned window until +{until - now:.1f}s: halve to {self.limiter.limit}")
         hint = state.get("dopHint")

@@ -221,3 +221,23 @@ def test_concurrent_conditional_writes_lose_no_update() -> None:
         thread.join()
     assert store.state["throttledUntil"] == pytest.approx(clock.now + 17.0)
     assert set(store.state["instances"]) == {f"i{n}" for n in range(8)}
+
+
+def test_after_an_episode_sends_are_paced_at_the_rate_the_service_granted() -> None:
+    clock, store = Clock(), MemoryStore()
+    a = throttle(store, clock, "a", refresh_seconds=100, grow_after=4)
+    for _ in range(20):  # 20 granted over 10 s: 2 requests/s
+        with a.slot(60):
+            a.observe(204, None, 8)
+        clock.now += 0.5
+    a.observe(429, 1.0, 8)
+    assert a.rate == pytest.approx(2.0)
+    clock.slept.clear()
+    for _ in range(3):
+        with a.slot(60):
+            a.observe(204, None, 8)
+    # first send waits out the window (1 s), the next two are 0.5 s apart
+    assert clock.slept == [pytest.approx(1.0), pytest.approx(0.5), pytest.approx(0.5)]
+    with a.slot(60):
+        a.observe(204, None, 8)
+    assert a.rate == pytest.approx(2.0 * 1.05)  # grows slowly: x1.05 per 4 successes
