@@ -193,7 +193,8 @@ def one_run(stack: StackProcess, n: int, shared: bool, jobs: int, timeout: float
     minimum = window_minimum_seconds(needed, REQUESTS, WINDOW, LATENCY)
     return {
         "hosts": n, "shared": shared, "jobs": jobs, "written": written,
-        "lost": jobs - written - unfinished, "unfinished": unfinished, "duplicates": sum(c - 1 for c in copies.values()),
+        "lost": jobs - written - unfinished, "unfinished": unfinished,
+        "duplicates": sum(c - 1 for c in copies.values()),
         "poison": poison, "dead_letter": dead, "gave_up": gave_up,
         "wall_s": round(wall, 2), "jobs_per_s": round(written / wall, 2),
         "requests": requests, "requests_per_job": round(requests / max(jobs, 1), 3),
@@ -293,7 +294,7 @@ def render(results: dict[str, Any]) -> str:
             f"{r['throttled_share']:.1%} | "
             f"{r['requests_per_job']:.2f} | {r['lost']} | {r['duplicates']} | {r['poison']} | "
             f"{r['children_cpu_s']} |"
-            + (f" gave up after {r['wall_s']:.0f} s, {r['unfinished']} jobs still queued" if r["gave_up"] else ""))
+            + (f" gave up after {r['wall_s']:.0f} s, {r['unfinished']} still queued" if r["gave_up"] else ""))
     lines += ["", "| target | wanted | measured | met |", "|---|---|---|---|"]
     for name, wanted, measured, met in targets(results["runs"]):
         verdict = "yes" if met else "NO" if met is False else "—"
