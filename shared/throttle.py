@@ -289,7 +289,7 @@ class DeploymentThrottle:
         # by PACE_GROWTH every ``grow_after`` successes.  None: not paced (no episode seen yet).
         self.rate: float | None = None
         self._granted = 0
-        self._episode_at = clock()
+        self._episode_at: float | None = None  # cycle start: the first success, then each episode
         self._next_send = 0.0
         self._paced_streak = 0
         self._grow_after = max(1, grow_after)
@@ -349,6 +349,8 @@ class DeploymentThrottle:
             self.limiter.succeeded()
             with self._lock:
                 self._granted += 1
+                if self._episode_at is None:
+                    self._episode_at = self._clock()
                 if self.rate is not None:
                     self._paced_streak += 1
                     if self._paced_streak >= self._grow_after:
@@ -371,14 +373,17 @@ class DeploymentThrottle:
     def _new_episode(self, now: float) -> None:
         """Pace at what the service granted since the last episode began (waits included)."""
         with self._lock:
-            span = now - self._episode_at
+            span = now - (self._episode_at if self._episode_at is not None else now)
             granted, self._granted, self._episode_at = self._granted, 0, now
             self._paced_streak = 0
             if granted > 0 and span > 0:
-                measured = granted / span
-                self.rate = max(PACE_FLOOR, measured if self.rate is None else min(self.rate, measured))
+                self.rate = max(PACE_FLOOR, granted / span)
             elif self.rate is not None:
                 self.rate = max(PACE_FLOOR, self.rate / 2)
+            rate = self.rate
+        if rate is not None:
+            logger.info("Dataverse throttling episode: %d requests granted in %.1f s; pacing at %.2f "
+                        "requests/s", granted, span, rate)
 
     def _pace(self, started: float, budget: float, label: str) -> None:
         """Space this instance's sends at ``rate`` (a reservation per send; bounded by ``budget``)."""
