@@ -141,14 +141,17 @@ def stop_hosts(hosts: list[tuple[subprocess.Popen[bytes], Path, Any]]) -> None:
 
 
 def one_run(stack: StackProcess, n: int, shared: bool, jobs: int, timeout: float,
-            log_dir: Path) -> dict[str, Any]:
+            log_dir: Path, *, limited: bool = True) -> dict[str, Any]:
     connection = stack.stack.azurite["connection_string"]
     sbx = stack.stack.create_sandbox(seed="default", users=ACTORS)
     prefix = f"w5{n}{'s' if shared else 'i'}{uuid.uuid4().hex[:6]}"
     queue = prefix.lower()
     try:
-        sbx.set_limits(requests=REQUESTS, window_seconds=WINDOW, execution_ms=EXECUTION_MS,
-                       concurrent=CONCURRENT, dop_hint=DOP_HINT)
+        if limited:
+            sbx.set_limits(requests=REQUESTS, window_seconds=WINDOW, execution_ms=EXECUTION_MS,
+                           concurrent=CONCURRENT, dop_hint=DOP_HINT)
+        else:  # the machine's own ceiling: the same hosts and workload, no service protection
+            sbx.set_limits(requests=10**7, execution_ms=10**10, concurrent=10**4, dop_hint=DOP_HINT)
         sbx.set_latency("dataverse", LATENCY)
         bodies = [json.dumps({
             "id": f"{prefix}-{i:06d}", "entity": "contacts", "operation": "upsert",
@@ -195,7 +198,7 @@ def one_run(stack: StackProcess, n: int, shared: bool, jobs: int, timeout: float
     needed = jobs + n * (ACTORS + 1)
     minimum = window_minimum_seconds(needed, REQUESTS, WINDOW, LATENCY)
     return {
-        "hosts": n, "shared": shared, "jobs": jobs, "written": written,
+        "hosts": n, "shared": shared, "limited": limited, "jobs": jobs, "written": written,
         "lost": jobs - written - unfinished, "unfinished": unfinished,
         "duplicates": sum(c - 1 for c in copies.values()),
         "poison": poison, "dead_letter": dead, "gave_up": gave_up,
@@ -212,25 +215,28 @@ def one_run(stack: StackProcess, n: int, shared: bool, jobs: int, timeout: float
 
 
 def run(quick: bool, hosts: tuple[int, ...] = HOSTS, jobs: int | None = None, timeout: float = 900,
-        write: bool = True, log_dir: Path | None = None) -> dict[str, Any]:
+        write: bool = True, log_dir: Path | None = None, capacity: bool = True) -> dict[str, Any]:
     jobs = jobs or (1500 if quick else 20_000)
     log_dir = log_dir or Path(tempfile.gettempdir()) / "bench-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     runs = []
+    plan = [(n, shared, True) for n in hosts for shared in (True, False)]
+    if capacity:
+        plan.append((max(hosts), True, False))
     with StackProcess(azurite=True) as stack:
-        for n in hosts:
-            for shared in (True, False):
-                log(f"W5 {n} host(s), shared throttle {'on' if shared else 'off'}: {jobs} jobs ...")
-                try:
-                    result = one_run(stack, n, shared, jobs, timeout, log_dir)
-                except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-                    log(f"  not measured: {exc}")
-                    continue
-                runs.append(result)
-                log(f"  {result['jobs_per_s']:.1f} jobs/s ({result['ratio']:.0%} of the limit), "
-                    f"{result['throttled']} 429s ({result['throttled_share']:.1%}), "
-                    f"{result['requests_per_job']:.2f} requests/job, lost {result['lost']}, "
-                    f"duplicates {result['duplicates']}, hosts' CPU {result['children_cpu_s']} s")
+        for n, shared, limited in plan:
+            log(f"W5 {n} host(s), shared throttle {'on' if shared else 'off'}"
+                f"{'' if limited else ', NO service protection (machine ceiling)'}: {jobs} jobs ...")
+            try:
+                result = one_run(stack, n, shared, jobs, timeout, log_dir, limited=limited)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                log(f"  not measured: {exc}")
+                continue
+            runs.append(result)
+            log(f"  {result['jobs_per_s']:.1f} jobs/s ({result['ratio']:.0%} of the limit), "
+                f"{result['throttled']} 429s ({result['throttled_share']:.1%}), "
+                f"{result['requests_per_job']:.2f} requests/job, lost {result['lost']}, "
+                f"duplicates {result['duplicates']}, hosts' CPU {result['children_cpu_s']} s")
     results = {
         "quick": quick, "finished_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "jobs": jobs, "limits": {"requests": REQUESTS, "window_seconds": WINDOW, "execution_ms": EXECUTION_MS,
@@ -249,7 +255,7 @@ def run(quick: bool, hosts: tuple[int, ...] = HOSTS, jobs: int | None = None, ti
 
 
 def targets(runs: list[dict[str, Any]]) -> list[tuple[str, str, str, bool | None]]:
-    shared = {r["hosts"]: r for r in runs if r["shared"]}
+    shared = {r["hosts"]: r for r in runs if r["shared"] and r.get("limited", True)}
     out: list[tuple[str, str, str, bool | None]] = []
     top = shared.get(max(shared)) if shared else None
     if top:
@@ -264,6 +270,11 @@ def targets(runs: list[dict[str, Any]]) -> list[tuple[str, str, str, bool | None
         holds = all(rates[i] >= 0.95 * max(rates[:i]) for i in range(1, len(rates)))
         out.append(("W5 throughput vs N", "does not fall as N grows",
                     " → ".join(f"{r:.1f}" for r in rates) + " jobs/s", holds))
+    ceiling = next((r for r in runs if not r.get("limited", True)), None)
+    if ceiling and top:
+        # Not a target: it says whether this machine could reach the service limit at all.
+        out.append((f"W5 machine ceiling, N={ceiling['hosts']}, no limits", "(context) above the limit",
+                    f"{ceiling['jobs_per_s']:.1f} vs limit {top['limit_jobs_per_s']:.1f} jobs/s", None))
     lost = sum(r["lost"] for r in runs)
     dups = sum(r["duplicates"] for r in runs)
     out.append(("W5 lost / duplicates", "0 / 0 in every run", f"{lost} / {dups}", lost == 0 and dups == 0))
@@ -291,6 +302,12 @@ def render(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["runs"]:
+        if not r.get("limited", True):
+            lines.append(
+                f"| {r['hosts']} | on, **no limits** (machine ceiling) | {r['jobs_per_s']:.1f} | — | — | "
+                f"{r['throttled']} | — | {r['requests_per_job']:.2f} | {r['lost']} | {r['duplicates']} | "
+                f"{r['poison']} | {r['children_cpu_s']} |")
+            continue
         lines.append(
             f"| {r['hosts']} | {'on' if r['shared'] else 'off'} | {r['jobs_per_s']:.1f} | "
             f"{r['limit_jobs_per_s']:.1f} | {r['ratio']:.0%} | {r['throttled']} | "

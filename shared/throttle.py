@@ -310,9 +310,32 @@ class DeploymentThrottle:
         started = self._clock()
         self._maybe_refresh()
         while True:
+            self._wait_window(started, budget, label)
+            self._pace(started, budget, label)
+            if self.until > self._clock():
+                continue  # a window opened while this thread waited for its pace
+            left = max(0.0, budget - (self._clock() - started))
+            if not self.limiter.acquire(left):
+                self.stats.refused += 1
+                raise DataverseError(
+                    f"{label}: no Dataverse concurrency slot came free within {left:.1f} s "
+                    f"(limit {self.limiter.limit}); not sent",
+                    status=None, code="dataverse_throttled", transient=True, retry_after=1.0,
+                )
+            if self.until <= self._clock():
+                break
+            # A window opened while this thread waited for its slot: never send into it.
+            self.limiter.release()
+        try:
+            yield
+        finally:
+            self.limiter.release()
+
+    def _wait_window(self, started: float, budget: float, label: str) -> None:
+        while True:
             wait = self.until - self._clock()
             if wait <= 0:
-                break
+                return
             spent = self._clock() - started
             if spent + wait > budget:
                 self.stats.refused += 1
@@ -324,19 +347,6 @@ class DeploymentThrottle:
             self.stats.waits += 1
             self._sleep(wait)
             self._maybe_refresh()  # another instance may have extended the window meanwhile
-        self._pace(started, budget, label)
-        left = max(0.0, budget - (self._clock() - started))
-        if not self.limiter.acquire(left):
-            self.stats.refused += 1
-            raise DataverseError(
-                f"{label}: no Dataverse concurrency slot came free within {left:.1f} s "
-                f"(limit {self.limiter.limit}); not sent",
-                status=None, code="dataverse_throttled", transient=True, retry_after=1.0,
-            )
-        try:
-            yield
-        finally:
-            self.limiter.release()
 
     def observe(self, status: int, retry_after: float | None, dop_hint: int | None,
                 code: str | None = None) -> None:
