@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 from typing import Any
 
 import pytest
@@ -241,3 +242,27 @@ def test_after_an_episode_sends_are_paced_at_the_rate_the_service_granted() -> N
     with a.slot(60):
         a.observe(204, None, 8)
     assert a.rate == pytest.approx(2.0 * 1.05)  # grows slowly: x1.05 per 4 successes
+
+
+def test_the_runtime_builds_the_shared_throttle_only_where_storage_is_configured(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared.runtime import build_throttle
+    from shared.settings import Settings
+    from shared.storage import BlobStore
+    from shared.throttle import NoThrottle
+
+    base = {"DATAVERSE_URL": "https://org.crm.dynamics.com", "DATAVERSE_TENANT_ID": str(uuid.uuid4()),
+            "DATAVERSE_CLIENT_ID": str(uuid.uuid4()), "KEY_VAULT_URL": "https://kv.vault.azure.net"}
+    for name in ("AzureWebJobsStorage", "AzureWebJobsStorage__blobServiceUri",
+                 "AzureWebJobsStorage__accountName"):
+        monkeypatch.delenv(name, raising=False)
+    blobs = BlobStore()
+    throttle_ = build_throttle(Settings.from_env(base), blobs)
+    assert isinstance(throttle_, NoThrottle)  # auto, no storage: as before
+    forced = build_throttle(Settings.from_env({**base, "DATAVERSE_SHARED_THROTTLE": "true"}), blobs)
+    assert isinstance(forced, DeploymentThrottle) and forced.store is None  # per instance
+    monkeypatch.setenv("AzureWebJobsStorage", "UseDevelopmentStorage=true")
+    shared_ = build_throttle(Settings.from_env(base), blobs)
+    assert isinstance(shared_, DeploymentThrottle) and shared_.store is not None
+    off = build_throttle(Settings.from_env({**base, "DATAVERSE_SHARED_THROTTLE": "false"}), blobs)
+    assert isinstance(off, NoThrottle)
