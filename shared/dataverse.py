@@ -42,6 +42,7 @@ from urllib.parse import quote, urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
+from shared.deadline import budget as wait_budget
 from shared.deadline import current as current_deadline
 from shared.errors import DataverseError, ImpersonationNotApplied, fix_for, unknown_column
 from shared.logs import job_logger
@@ -327,7 +328,8 @@ class DataverseClient:
             try:
                 # The deployment's throttle: waits out a shared 429 window and for a concurrency
                 # slot (bounded by what is left of the retry budget; beyond it: throttled, unsent).
-                with self.throttle.slot(settings.max_retry_seconds - (self._clock() - started), label):
+                waited = self._clock() - started
+                with self.throttle.slot(wait_budget(settings.max_retry_seconds - waited), label):
                     response = self._session.request(
                         method,
                         url,
