@@ -47,9 +47,10 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, cast
 from urllib.parse import urlsplit
 
+from shared.deadline import current as current_deadline
 from shared.errors import DataverseError
 
 if TYPE_CHECKING:
@@ -316,12 +317,8 @@ class DeploymentThrottle:
                 continue  # a window opened while this thread waited for its pace
             left = max(0.0, budget - (self._clock() - started))
             if not self.limiter.acquire(left):
-                self.stats.refused += 1
-                raise DataverseError(
-                    f"{label}: no Dataverse concurrency slot came free within {left:.1f} s "
-                    f"(limit {self.limiter.limit}); not sent",
-                    status=None, code="dataverse_throttled", transient=True, retry_after=1.0,
-                )
+                self._refuse(1.0, f"{label}: no Dataverse concurrency slot came free within {left:.1f} s "
+                             f"(limit {self.limiter.limit}); not sent", label)
             if self.until <= self._clock():
                 break
             # A window opened while this thread waited for its slot: never send into it.
@@ -331,6 +328,17 @@ class DeploymentThrottle:
         finally:
             self.limiter.release()
 
+    def _refuse(self, wait: float, message: str, label: str) -> NoReturn:
+        """Not sent: ``dataverse_throttled`` (transient), or the invocation's deadline error when the
+        deadline, not the retry budget, is what the wait would pass (``shared.deadline``)."""
+        self.stats.refused += 1
+        error = DataverseError(message, status=None, code="dataverse_throttled", transient=True,
+                               retry_after=wait)
+        deadline = current_deadline()
+        if deadline is not None:
+            deadline.check_wait(wait, f"{label} (shared Dataverse throttle)", error)
+        raise error
+
     def _wait_window(self, started: float, budget: float, label: str) -> None:
         while True:
             wait = self.until - self._clock()
@@ -338,12 +346,8 @@ class DeploymentThrottle:
                 return
             spent = self._clock() - started
             if spent + wait > budget:
-                self.stats.refused += 1
-                raise DataverseError(
-                    f"{label}: Dataverse throttles this application user for {wait:.1f} s more "
-                    f"(shared window), beyond this request's wait budget; not sent",
-                    status=None, code="dataverse_throttled", transient=True, retry_after=wait,
-                )
+                self._refuse(wait, f"{label}: Dataverse throttles this application user for {wait:.1f} s "
+                             "more (shared window), beyond this request's wait budget; not sent", label)
             self.stats.waits += 1
             self._sleep(wait)
             self._maybe_refresh()  # another instance may have extended the window meanwhile
@@ -404,12 +408,9 @@ class DeploymentThrottle:
             at = max(now, self._next_send)
             wait = at - now
             if (now - started) + wait > budget:
-                self.stats.refused += 1
-                raise DataverseError(
-                    f"{label}: paced at {self.rate:.2f} requests/s after throttling, the next send slot "
-                    f"is {wait:.1f} s away, beyond this request's wait budget; not sent",
-                    status=None, code="dataverse_throttled", transient=True, retry_after=wait,
-                )
+                self._refuse(wait, f"{label}: paced at {self.rate:.2f} requests/s after throttling, the "
+                             f"next send slot is {wait:.1f} s away, beyond this request's wait budget; "
+                             "not sent", label)
             self._next_send = at + 1.0 / (self.rate or 1.0)
         if wait > 0:
             self._sleep(wait)

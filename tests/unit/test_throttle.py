@@ -266,3 +266,18 @@ def test_the_runtime_builds_the_shared_throttle_only_where_storage_is_configured
     assert isinstance(shared_, DeploymentThrottle) and shared_.store is not None
     off = build_throttle(Settings.from_env({**base, "DATAVERSE_SHARED_THROTTLE": "false"}), blobs)
     assert isinstance(off, NoThrottle)
+
+
+def test_a_window_past_the_jobs_deadline_fails_as_the_deadline_not_as_throttling() -> None:
+    from shared import deadline
+
+    clock, store = Clock(), MemoryStore()
+    a, b = throttle(store, clock, "a", refresh_seconds=0), throttle(store, clock, "b", refresh_seconds=0)
+    a.observe(429, 30.0, 4)
+    job = deadline.within(3.0, kind=deadline.JOB, setting="JOB_DEADLINE_SECONDS", clock=clock)
+    with job, pytest.raises(deadline.DeadlineExceeded) as info, b.slot(deadline.budget(300)):  # as the client
+        pass
+    assert info.value.code == "job_deadline_exceeded" and info.value.transient
+    with pytest.raises(DataverseError) as plain, b.slot(10):  # no deadline: the retry budget refuses
+        pass
+    assert plain.value.code == "dataverse_throttled"
