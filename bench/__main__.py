@@ -455,7 +455,8 @@ def replace_between_markers(path: Path, section: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small smoke run (figures not comparable)")
-    parser.add_argument("--only", default="W1,W2,W3,W4,W5,W6", help="comma-separated workloads (default: all)")
+    parser.add_argument("--only", default="W1,W2,W3,W4,W5,W6",
+                        help="comma-separated workloads (default: all)")
     parser.add_argument("--repeat", type=int, default=None,
                         help="runs of each W1 contender but naive; the median counts (default 3, quick 1)")
     parser.add_argument("--profile", action="store_true", help="py-spy the project's workers (logs dir)")

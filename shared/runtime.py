@@ -76,7 +76,8 @@ def build_throttle(settings: Settings, blobs: BlobStore) -> DeploymentThrottle |
         logging.getLogger("shared.throttle").warning(
             "DATAVERSE_SHARED_THROTTLE=true but no storage is configured (AzureWebJobsStorage): "
             "throttling per instance only")
-    store = BlobStateStore(blobs, blob_name(settings.dataverse_url, settings.client_id)) if configured else None
+    name = blob_name(settings.dataverse_url, settings.client_id)
+    store = BlobStateStore(blobs, name) if configured else None
     return DeploymentThrottle(
         store,
         refresh_seconds=settings.throttle_refresh_seconds,
