@@ -101,6 +101,23 @@ param authorizationPolicyBlob string = ''
 @description('ALLOWED_ENTITY_SETS: entity sets jobs may write when no policy is set (the default policy).')
 param allowedEntitySets string = 'contacts,accounts,leads'
 
+@description('DATAVERSE_SHARED_THROTTLE: one Dataverse throttle for all instances through the host storage (auto, true, false). See docs/sizing.md.')
+@allowed([
+  'auto'
+  'true'
+  'false'
+])
+param dataverseSharedThrottle string = 'auto'
+
+@description('DATAVERSE_THROTTLE_REFRESH_SECONDS: how often an instance re-reads the shared throttle blob.')
+param dataverseThrottleRefreshSeconds string = '1'
+
+@description('DATAVERSE_THROTTLE_GROW_AFTER: successes in a row that add one concurrency slot back after a 429.')
+param dataverseThrottleGrowAfter string = '10'
+
+@description('DATAVERSE_THROTTLE_HEARTBEAT_SECONDS: how often an instance marks itself live in the shared blob.')
+param dataverseThrottleHeartbeatSeconds string = '15'
+
 @secure()
 @description('Optional: the Dataverse client secret, written to Key Vault when given. `az keyvault secret set` after deployment keeps it out of deployment inputs.')
 param dataverseClientSecret string = ''
@@ -140,10 +157,10 @@ param appSubnetPrefix string = '10.20.0.0/24'
 ])
 param instanceMemoryMB int = 2048
 
-@description('Upper bound of instances the app scales out to.')
+@description('Upper bound of instances the app scales out to. 40 (the Flex minimum) per application user: every live instance keeps at least one Dataverse request in flight, and one user may have 52 at once (docs/sizing.md).')
 @minValue(40)
 @maxValue(1000)
-param maximumInstanceCount int = 100
+param maximumInstanceCount int = 40
 
 @description('Storage replication: geo-redundant by default so pending sync jobs survive a regional outage.')
 @allowed([
@@ -304,6 +321,10 @@ module functionApp 'modules/functionapp.bicep' = {
     authorizationPolicy: authorizationPolicy
     authorizationPolicyBlob: authorizationPolicyBlob
     allowedEntitySets: allowedEntitySets
+    dataverseSharedThrottle: dataverseSharedThrottle
+    dataverseThrottleRefreshSeconds: dataverseThrottleRefreshSeconds
+    dataverseThrottleGrowAfter: dataverseThrottleGrowAfter
+    dataverseThrottleHeartbeatSeconds: dataverseThrottleHeartbeatSeconds
   }
 }
 

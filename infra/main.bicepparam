@@ -39,6 +39,10 @@ param jobDeadlineSeconds = readEnvironmentVariable('JOB_DEADLINE_SECONDS', '480'
 param httpMaxWaitSeconds = readEnvironmentVariable('HTTP_MAX_WAIT_SECONDS', '5')
 param userCacheTtlSeconds = readEnvironmentVariable('USER_CACHE_TTL_SECONDS', '900')
 param userCacheNegativeTtlSeconds = readEnvironmentVariable('USER_CACHE_NEGATIVE_TTL_SECONDS', '60')
+param dataverseSharedThrottle = readEnvironmentVariable('DATAVERSE_SHARED_THROTTLE', 'auto')
+param dataverseThrottleRefreshSeconds = readEnvironmentVariable('DATAVERSE_THROTTLE_REFRESH_SECONDS', '1')
+param dataverseThrottleGrowAfter = readEnvironmentVariable('DATAVERSE_THROTTLE_GROW_AFTER', '10')
+param dataverseThrottleHeartbeatSeconds = readEnvironmentVariable('DATAVERSE_THROTTLE_HEARTBEAT_SECONDS', '15')
 
 // Optional; prefer `az keyvault secret set` after the deployment (see the README, "Deploy").
 param dataverseClientSecret = readEnvironmentVariable('DATAVERSE_CLIENT_SECRET', '')

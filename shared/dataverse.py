@@ -14,6 +14,8 @@ Why each rule is here:
   is not started at all.  A request that may have reached the server is resent
   only when it is idempotent; a keyless ``POST`` (create) is not, so a timeout or a gateway's
   502/503/504 never creates a record twice (a 429 is safe: throttling refuses before running).
+* Every send goes through the deployment's throttle (:mod:`shared.throttle`): all instances wait
+  out a 429 window one of them was given, and in-flight requests per instance adapt (AIMD).
 * 401: the token is dropped and the request sent once more with a new one.
 * Impersonated writes ask for ``_modifiedby_value`` back and compare it with the actor:
   Dataverse silently runs a write as the application user when it does not recognise the caller.
@@ -40,6 +42,7 @@ from urllib.parse import quote, urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
+from shared.deadline import budget as wait_budget
 from shared.deadline import current as current_deadline
 from shared.errors import DataverseError, ImpersonationNotApplied, fix_for, unknown_column
 from shared.logs import job_logger
@@ -47,6 +50,7 @@ from shared.odatabatch import BatchFormatError, BatchOperation, BatchPart
 from shared.odatabatch import build as build_batch
 from shared.odatabatch import parse as parse_batch
 from shared.singleflight import SingleFlight
+from shared.throttle import DeploymentThrottle, NoThrottle
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -243,8 +247,10 @@ class DataverseClient:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         jitter: Callable[[], float] = random.random,
+        throttle: DeploymentThrottle | NoThrottle | None = None,
     ) -> None:
         self._settings = settings
+        self.throttle = throttle if throttle is not None else NoThrottle()
         self._tokens = tokens
         self._session = session if session is not None else new_session()
         if session is not None:
@@ -320,14 +326,18 @@ class DataverseClient:
             sent_headers = self._headers(token, body is not None, headers)
             wait: float
             try:
-                response = self._session.request(
-                    method,
-                    url,
-                    data=body,
-                    headers=sent_headers,
-                    timeout=settings.timeout_seconds,
-                    allow_redirects=False,
-                )
+                # The deployment's throttle: waits out a shared 429 window and for a concurrency
+                # slot (bounded by what is left of the retry budget; beyond it: throttled, unsent).
+                waited = self._clock() - started
+                with self.throttle.slot(wait_budget(settings.max_retry_seconds - waited), label):
+                    response = self._session.request(
+                        method,
+                        url,
+                        data=body,
+                        headers=sent_headers,
+                        timeout=settings.timeout_seconds,
+                        allow_redirects=False,
+                    )
             except requests.RequestException as exc:
                 error, may_have_arrived, retryable = self._transport_error(exc, label)
                 if not retryable or (may_have_arrived and not idempotent):
@@ -339,6 +349,8 @@ class DataverseClient:
             else:
                 self._note_dop_hint(response)
                 status = response.status_code
+                self.throttle.observe(status, parse_retry_after(response.headers.get("Retry-After")),
+                                      self.dop_hint, _error_body(response)[0] if status == 429 else None)
                 if 200 <= status < 300:
                     return response
                 if status == 401 and not refreshed_token:

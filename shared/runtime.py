@@ -8,19 +8,22 @@ built lazily at first use: importing the app never reads a setting or opens a co
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 
 from shared import logs
 from shared.attribution import AttributionGuard
 from shared.dataverse import DataverseClient
+from shared.errors import ConfigurationError
 from shared.keyring import KeyRing
 from shared.memberships import MembershipDirectory
 from shared.policy import Authorizer
 from shared.replay import ReplayGuard
 from shared.secrets import SecretStore
 from shared.settings import Settings, get_settings, reset_settings
-from shared.storage import BlobStore
+from shared.storage import BlobStore, resolve
+from shared.throttle import BlobStateStore, DeploymentThrottle, NoThrottle, blob_name
 from shared.tokens import TokenProvider
 from shared.users import UserDirectory
 
@@ -43,7 +46,8 @@ class Runtime:
     def from_settings(cls, settings: Settings) -> Runtime:
         secrets = SecretStore(settings.key_vault_url)
         tokens = TokenProvider(settings, secrets)
-        dataverse = DataverseClient(settings, tokens)
+        blobs = BlobStore()
+        dataverse = DataverseClient(settings, tokens, throttle=build_throttle(settings, blobs))
         users = UserDirectory(
             dataverse, ttl=settings.user_cache_ttl, negative_ttl=settings.user_cache_negative_ttl
         )
@@ -56,7 +60,6 @@ class Runtime:
         message_keys = KeyRing(secrets, settings.message_secret_name, refresh_seconds=refresh,
                                grace_seconds=grace + 2 * refresh, settle_seconds=refresh)
         memberships = MembershipDirectory(dataverse, ttl=settings.user_cache_ttl)
-        blobs = BlobStore()  # AzureWebJobsStorage, resolved at first use
         policy = Authorizer(settings, users, memberships, blobs=blobs)
         return cls(settings, secrets, tokens, dataverse, users, attribution, webhook_keys, message_keys,
                    ReplayGuard(blobs), policy, blobs)
@@ -65,6 +68,35 @@ class Runtime:
         self.dataverse.close()
         self.secrets.close()
         self.blobs.close()
+
+
+def build_throttle(settings: Settings, blobs: BlobStore) -> DeploymentThrottle | NoThrottle:
+    """The deployment throttle: shared through the host's storage when it is configured (or forced).
+
+    ``DATAVERSE_SHARED_THROTTLE=false`` keeps the client's per-request Retry-After handling only;
+    ``true`` without a usable storage setting still throttles per instance (and says so once).
+    """
+    if settings.shared_throttle == "false":
+        return NoThrottle()
+    try:
+        resolve()
+        configured = True
+    except ConfigurationError:
+        configured = False
+    if not configured:
+        if settings.shared_throttle == "auto":
+            return NoThrottle()
+        logging.getLogger("shared.throttle").warning(
+            "DATAVERSE_SHARED_THROTTLE=true but no storage is configured (AzureWebJobsStorage): "
+            "throttling per instance only")
+    name = blob_name(settings.dataverse_url, settings.client_id)
+    store = BlobStateStore(blobs, name) if configured else None
+    return DeploymentThrottle(
+        store,
+        refresh_seconds=settings.throttle_refresh_seconds,
+        heartbeat_seconds=settings.throttle_heartbeat_seconds,
+        grow_after=settings.throttle_grow_after,
+    )
 
 
 _lock = threading.Lock()

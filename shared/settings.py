@@ -80,6 +80,19 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "HTTP_MAX_WAIT_SECONDS", "5",
         "Longest an HTTP trigger waits on Dataverse throttling before answering 503 with Retry-After",
     ),
+    SettingSpec(
+        "DATAVERSE_SHARED_THROTTLE", "auto",
+        "One Dataverse throttle for all instances through AzureWebJobsStorage: auto (on when storage is "
+        "configured), true or false",
+    ),
+    SettingSpec("DATAVERSE_THROTTLE_REFRESH_SECONDS", "1",
+                "How often an instance re-reads the shared throttle blob (conditional GET)"),
+    SettingSpec("DATAVERSE_THROTTLE_GROW_AFTER", "10",
+                "Successes in a row that add one concurrency slot back after a 429 halved it"),
+    SettingSpec(
+        "DATAVERSE_THROTTLE_HEARTBEAT_SECONDS", "15",
+        "How often an instance marks itself live in the shared blob (the dop hint is split among the live)",
+    ),
     SettingSpec("USER_CACHE_TTL_SECONDS", "900", "How long a found user stays cached per instance"),
     SettingSpec("USER_CACHE_NEGATIVE_TTL_SECONDS", "60", "How long 'no such user' stays cached"),
     SettingSpec(
@@ -240,6 +253,10 @@ class Settings:
     authorization_policy: str = ""
     authorization_policy_blob: str = ""
     allowed_entity_sets: str = "contacts,accounts,leads"
+    shared_throttle: str = "auto"  # auto | true | false
+    throttle_refresh_seconds: float = 1.0
+    throttle_grow_after: int = 10
+    throttle_heartbeat_seconds: float = 15.0
 
     @property
     def api_base(self) -> str:
@@ -289,6 +306,11 @@ class Settings:
         timeout_seconds = _positive(
             "DATAVERSE_TIMEOUT_SECONDS", value("DATAVERSE_TIMEOUT_SECONDS"), allow_zero=False
         )
+        shared_throttle = value("DATAVERSE_SHARED_THROTTLE").lower()
+        if shared_throttle not in ("auto", "true", "false"):
+            raise ConfigurationError(
+                "DATAVERSE_SHARED_THROTTLE", f"must be auto, true or false, got {shared_throttle!r}"
+            )
         return cls(
             dataverse_url=_https_url("DATAVERSE_URL", value("DATAVERSE_URL")),
             tenant_id=_guid("DATAVERSE_TENANT_ID", value("DATAVERSE_TENANT_ID")),
@@ -319,6 +341,17 @@ class Settings:
             authorization_policy=value("AUTHORIZATION_POLICY"),
             authorization_policy_blob=value("AUTHORIZATION_POLICY_BLOB"),
             allowed_entity_sets=value("ALLOWED_ENTITY_SETS"),
+            shared_throttle=shared_throttle,
+            throttle_refresh_seconds=_positive(
+                "DATAVERSE_THROTTLE_REFRESH_SECONDS", value("DATAVERSE_THROTTLE_REFRESH_SECONDS")
+            ),
+            throttle_grow_after=int(_positive(
+                "DATAVERSE_THROTTLE_GROW_AFTER", value("DATAVERSE_THROTTLE_GROW_AFTER"), int, allow_zero=False
+            )),
+            throttle_heartbeat_seconds=_positive(
+                "DATAVERSE_THROTTLE_HEARTBEAT_SECONDS", value("DATAVERSE_THROTTLE_HEARTBEAT_SECONDS"),
+                allow_zero=False,
+            ),
         )
 
 

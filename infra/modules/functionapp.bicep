@@ -31,9 +31,10 @@ param appSubnetId string = ''
 ])
 param instanceMemoryMB int = 2048
 
+@description('40 per application user: docs/sizing.md.')
 @minValue(40)
 @maxValue(1000)
-param maximumInstanceCount int = 100
+param maximumInstanceCount int = 40
 
 param dataverseUrl string
 param dataverseTenantId string
@@ -70,6 +71,10 @@ param jobDeadlineSeconds string
 @description('HTTP_MAX_WAIT_SECONDS: the longest an HTTP trigger waits on Dataverse throttling before a 503.')
 param httpMaxWaitSeconds string
 param userCacheNegativeTtlSeconds string
+param dataverseSharedThrottle string
+param dataverseThrottleRefreshSeconds string
+param dataverseThrottleGrowAfter string
+param dataverseThrottleHeartbeatSeconds string
 
 @description('AUTHORIZATION_POLICY: the authorization policy as inline JSON; empty for none (docs/authorization.md).')
 param authorizationPolicy string
@@ -221,6 +226,22 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
         {
           name: 'ALLOWED_ENTITY_SETS'
           value: allowedEntitySets
+        }
+        {
+          name: 'DATAVERSE_SHARED_THROTTLE'
+          value: dataverseSharedThrottle
+        }
+        {
+          name: 'DATAVERSE_THROTTLE_REFRESH_SECONDS'
+          value: dataverseThrottleRefreshSeconds
+        }
+        {
+          name: 'DATAVERSE_THROTTLE_GROW_AFTER'
+          value: dataverseThrottleGrowAfter
+        }
+        {
+          name: 'DATAVERSE_THROTTLE_HEARTBEAT_SECONDS'
+          value: dataverseThrottleHeartbeatSeconds
         }
         {
           name: 'AZURE_CLIENT_ID'
