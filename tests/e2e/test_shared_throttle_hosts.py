@@ -81,9 +81,7 @@ def test_after_one_hosts_429_the_other_host_sends_nothing_into_the_window(
 ) -> None:
     a, b = start_pair(start_host, sandbox, queue_name, "auto")
     throttle_a_through_http(a, sandbox)
-    state: dict[str, Any] = json.loads(
-        blob_text(azurite_connection, CONTAINER,
-                  blob_name(sandbox.env["DATAVERSE_URL"], sandbox.env["DATAVERSE_CLIENT_ID"])) or "{}")
+    state = shared_state(sandbox, azurite_connection)
     assert state["cut"] == 1 and state["reason"] == "0x80072322"  # A published the window
 
     names = enqueue(azurite_connection, queue_name, f"st-{uuid.uuid4().hex[:6]}")
@@ -102,6 +100,8 @@ def test_after_one_hosts_429_the_other_host_sends_nothing_into_the_window(
     assert sandbox.counters()["dataverse"]["status:429"] == 1  # and none after the window either
     for suffix in ("", "-poison", "-deadletter"):
         assert queue_texts(azurite_connection, f"{queue_name}{suffix}") == []
+    state = shared_state(sandbox, azurite_connection)
+    assert state["cut"] == 1 and len(state["instances"]) == 2  # one episode; both hosts in the blob
 
 
 def test_control_without_the_shared_throttle_the_other_host_is_refused_too(
@@ -113,6 +113,12 @@ def test_control_without_the_shared_throttle_the_other_host_is_refused_too(
     b.wait_for(RECEIVED_429)  # B knew nothing of A's window: it sent into it
     assert sandbox.counters()["dataverse"]["status:429"] >= 2
     assert b.count(NOT_SENT) == 0
+
+
+def shared_state(sandbox: SandboxClient, azurite_connection: str) -> dict[str, Any]:
+    name = blob_name(sandbox.env["DATAVERSE_URL"], sandbox.env["DATAVERSE_CLIENT_ID"])
+    state: dict[str, Any] = json.loads(blob_text(azurite_connection, CONTAINER, name) or "{}")
+    return state
 
 
 def wait_for_total(hosts: list[HostProcess], pattern: str, count: int, timeout: float = 60.0) -> None:
