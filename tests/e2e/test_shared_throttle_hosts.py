@@ -28,6 +28,7 @@ import pytest
 from devstack.control import SandboxClient
 from shared.throttle import CONTAINER, blob_name
 from tests.e2e.conftest import ROOT, HostProcess, StartHost, blob_text, queue_texts, send_raw
+from tests.signing import message_key, signed_text
 
 pytestmark = pytest.mark.e2e
 WINDOW = 15  # seconds; the margin for B to take a message while the window is open
@@ -67,12 +68,15 @@ def throttle_a_through_http(a: HostProcess, sandbox: SandboxClient) -> None:
     assert sandbox.counters()["dataverse"]["status:429"] == 1
 
 
-def enqueue(azurite_connection: str, queue_name: str, prefix: str) -> list[str]:
+def enqueue(azurite_connection: str, queue_name: str, sandbox: SandboxClient, prefix: str) -> list[str]:
+    """Signed like the webhook's messages (sync_job dead-letters unsigned ones)."""
     names = [f"{prefix}-{i}" for i in range(JOBS)]
+    key = message_key(sandbox)
     for name in names:
-        job = {"id": name, "entity": "contacts", "operation": "create", "source": "crm",
+        job = {"id": name, "entity": "contacts", "operation": "create",
                "data": {"firstname": "Ada", "lastname": name}, "actAs": {"email": "jane@contoso.com"}}
-        send_raw(azurite_connection, queue_name, base64.b64encode(json.dumps(job).encode()).decode())
+        text = signed_text(job, key, source="crm")
+        send_raw(azurite_connection, queue_name, base64.b64encode(text.encode()).decode())
     return names
 
 
@@ -84,7 +88,7 @@ def test_after_one_hosts_429_the_other_host_sends_nothing_into_the_window(
     state = shared_state(sandbox, azurite_connection)
     assert state["cut"] == 1 and state["reason"] == "0x80072322"  # A published the window
 
-    names = enqueue(azurite_connection, queue_name, f"st-{uuid.uuid4().hex[:6]}")
+    names = enqueue(azurite_connection, queue_name, sandbox, f"st-{uuid.uuid4().hex[:6]}")
     b.wait_for(NOT_SENT)  # B learned A's window from the blob and left its job unsent
     # Read while B's refusal is fresh (WINDOW s before either host may send again): B sent nothing
     # into the window, so the emulator has refused A's one request and no other.
@@ -109,7 +113,7 @@ def test_control_without_the_shared_throttle_the_other_host_is_refused_too(
 ) -> None:
     a, b = start_pair(start_host, sandbox, queue_name, "false")
     throttle_a_through_http(a, sandbox)
-    enqueue(azurite_connection, queue_name, f"sc-{uuid.uuid4().hex[:6]}")
+    enqueue(azurite_connection, queue_name, sandbox, f"sc-{uuid.uuid4().hex[:6]}")
     b.wait_for(RECEIVED_429)  # B knew nothing of A's window: it sent into it
     assert sandbox.counters()["dataverse"]["status:429"] >= 2
     assert b.count(NOT_SENT) == 0
