@@ -9,8 +9,6 @@ exits with CMD's status.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import logging
 import os
 import signal
@@ -23,117 +21,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
-import requests
-from flask import Flask
-
-from devstack import azurite, control, dataverse, entra, identity, keyvault, tls, web
+from devstack import azurite
 from devstack.processes import spawn
-from devstack.sandboxes import DEFAULT_SANDBOX_ID, DEFAULT_TENANT_ID, Registry
+from devstack.stack import FIXED_PORTS, HOST, RunningStack
 
 log = logging.getLogger("devstack")
-
-FIXED_PORTS = {"identity": 7072, "entra": 7073, "keyvault": 7074, "dataverse": 7075, "control": 7076}
-TLS_SERVICES = frozenset({"entra", "keyvault", "dataverse"})
-HOST = "127.0.0.1"
-
-
-class RunningStack:
-    """Every emulator on its own server thread, Azurite as a child; ``stop()`` undoes it all."""
-
-    def __init__(self, state_path: Path, *, fixed_ports: bool, with_azurite: bool = True) -> None:
-        self.state_path = state_path
-        self.state_dir = state_path.parent
-        self.fixed_ports = fixed_ports
-        self.with_azurite = with_azurite
-        self.registry = Registry(org_factory=dataverse.Org)
-        self.servers: dict[str, web.ServerHandle] = {}
-        self.azurite: azurite.Azurite | None = None
-        self._wrote_state = False
-
-    def start(self) -> dict[str, Any]:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            if self.with_azurite:
-                # First, so its boot overlaps ours; and from the main thread, which lives as long as we do
-                # (the parent-death signal fires when the spawning thread exits).
-                self.azurite = azurite.start(self.state_dir / "azurite",
-                                             azurite.FIXED_PORTS if self.fixed_ports else None, HOST)
-            self.registry.ca_bundle = tls.write_ca_bundle(self.state_dir)
-            apps: dict[str, Flask] = {
-                "identity": identity.create_app(self.registry),
-                "entra": entra.create_app(self.registry),
-                "keyvault": keyvault.create_app(self.registry),
-                "control": control.create_app(self.registry),
-                "dataverse": dataverse.create_app(self.registry),
-            }
-            for name, app in apps.items():
-                port = FIXED_PORTS[name] if self.fixed_ports else 0
-                handle = web.serve(app, HOST, port, tls=name in TLS_SERVICES)
-                self.servers[name] = handle
-                self.registry.urls[name] = handle.url
-            self.registry.create(sandbox_id=DEFAULT_SANDBOX_ID)
-            self._wait_until_answering()
-            if self.azurite is not None:
-                self.azurite.wait_ready()
-            state = self.state()
-            tmp = self.state_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(state, indent=2), encoding="utf-8")
-            tmp.replace(self.state_path)
-            self._wrote_state = True
-            return state
-        except BaseException:
-            self.stop()
-            raise
-
-    def state(self) -> dict[str, Any]:
-        urls = self.registry.urls
-        return {
-            "pid": os.getpid(),
-            "ca_bundle": self.registry.ca_bundle,
-            "control_url": urls["control"],
-            "urls": {name: urls[name] for name in ("identity", "entra", "keyvault", "dataverse")},
-            "identity_endpoint": urls["identity"] + identity.PATH,
-            "default_sandbox": DEFAULT_SANDBOX_ID,
-            "azurite": self.azurite.state() if self.azurite is not None else {},
-        }
-
-    def _wait_until_answering(self) -> None:
-        """One real request per service through the real TLS path: the state file promises they answer."""
-        probes = {
-            "identity": identity.PATH,
-            "entra": f"/{DEFAULT_TENANT_ID}/v2.0/.well-known/openid-configuration",
-            "keyvault": "/secrets/probe?api-version=7.6",
-            "dataverse": "/api/data/v9.2/",
-            "control": "/health",
-        }
-        session = requests.Session()
-        session.trust_env = False
-        session.verify = self.registry.ca_bundle or True
-        for name, handle in self.servers.items():
-            # The listening socket is bound before the server thread starts: one attempt suffices.
-            response = session.get(handle.url + probes[name], timeout=10)
-            log.debug("%s answered %s", name, response.status_code)
-        # The probes hit the default sandbox's Entra counters; start it clean.
-        default = self.registry.get(DEFAULT_SANDBOX_ID)
-        if default is not None:
-            default.counters.reset()
-        session.close()
-
-    def stop(self) -> None:
-        for handle in self.servers.values():
-            with contextlib.suppress(Exception):
-                handle.shutdown()
-        self.servers.clear()
-        if self.azurite is not None:
-            self.azurite.stop()
-            self.azurite = None
-        if self._wrote_state:
-            with contextlib.suppress(FileNotFoundError):
-                self.state_path.unlink()
-            self._wrote_state = False
-
 
 def _port_in_use(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -46,7 +46,7 @@ DEFAULT_MESSAGE_SECRET = "devstack-default-message-key-NOT-A-REAL-SECRET"
 
 
 class OrgLike(Protocol):
-    """What the stack needs from the Dataverse state (devstack.dataverse.Org implements much more)."""
+    """What the stack needs from the Dataverse state (devstack.dataverse.state.Org implements much more)."""
 
     def users_wire(self) -> list[dict[str, Any]]: ...
 
@@ -390,7 +390,7 @@ class Registry:
 
     def __init__(self, *, signing_key: bytes | None = None, org_factory: OrgFactory = NoDataverse) -> None:
         """``org_factory`` builds each sandbox's Dataverse organisation: the stack passes
-        ``devstack.dataverse.Org``; the default has none, for tests of the other emulators."""
+        ``devstack.dataverse.state.Org``; the default has none, for tests of the other emulators."""
         self._org_factory = org_factory
         self._lock = threading.RLock()
         self._by_id: dict[str, Sandbox] = {}

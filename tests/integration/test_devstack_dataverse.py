@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from devstack.control import SandboxClient, Stack
-from devstack.odata import quote_literal
+from devstack.dataverse.odata import quote_literal
 from devstack.sandboxes import DEFAULT_TENANT_ID
 
 pytestmark = pytest.mark.integration

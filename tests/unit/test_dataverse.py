@@ -16,7 +16,7 @@ import responses
 from hypothesis import given
 from hypothesis import strategies as st
 
-from devstack.odata import decode_path, parse_filter, parse_key, split_resource
+from devstack.dataverse.odata import decode_path, parse_filter, parse_key, split_resource
 from shared.dataverse import Caller, DataverseClient, encode_query, entity_path, odata_literal
 from shared.errors import DataverseError, ImpersonationNotApplied
 from shared.settings import Settings

@@ -134,8 +134,8 @@ def test_counters_snapshot_is_a_copy(registry: Registry) -> None:
 
 
 def test_the_registry_builds_organisations_with_the_factory_it_is_given() -> None:
-    """The stack injects devstack.dataverse.Org; nothing is looked up by module name at run time."""
-    from devstack.dataverse import Org
+    """The stack injects devstack.dataverse.state.Org; nothing is looked up by module name at run time."""
+    from devstack.dataverse.state import Org
     from devstack.sandboxes import NoDataverse
 
     calls: list[tuple[str, str, int]] = []

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devstack.security import Expand, ExpandError, Security, context_columns, parse_expand
+from devstack.dataverse.security import Expand, ExpandError, Security, context_columns, parse_expand
 from shared.memberships import EXPAND, SYSTEM_ADMINISTRATOR_TEMPLATE, parse_membership
 
 

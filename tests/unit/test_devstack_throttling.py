@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from devstack.dataverse import DataverseError, Org
+from devstack.dataverse.state import DataverseError, Org
 from devstack.sandboxes import Registry
 
 

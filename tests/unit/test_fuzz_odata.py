@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Request
 
-from devstack import odata
+from devstack.dataverse import odata
 from shared.dataverse import DataverseClient, encode_query, entity_path, odata_literal
 from shared.errors import ActorError, DataverseError
 from shared.users import SELECT, UserDirectory

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Request
 
-from devstack.odata import (
+from devstack.dataverse.odata import (
     And,
     Comparison,
     Function,

@@ -12,7 +12,7 @@ import pytest
 import requests
 import responses
 
-from devstack.odata import Comparison, parse_filter
+from devstack.dataverse.odata import Comparison, parse_filter
 from shared.dataverse import Caller, DataverseClient
 from shared.errors import ActorError, InvalidJob
 from shared.settings import Settings
@@ -63,7 +63,7 @@ class FakeDataverse:
     def _answer(self, request: requests.PreparedRequest) -> tuple[int, dict[str, str], str]:
         import json
 
-        from devstack.odata import evaluate
+        from devstack.dataverse.odata import evaluate
 
         query = dict(parse_qsl(urlsplit(request.url or "").query, keep_blank_values=True))
         self.queries.append(query)

@@ -41,10 +41,16 @@ from urllib.parse import urlsplit
 
 from flask import Response, current_app, request
 
-from devstack import odata
-from devstack.dataverse import (
+from devstack.dataverse import odata
+from devstack.dataverse.api import (
     _PAYLOAD_HELP,
     CALLER_HEADERS,
+    _error_response,
+    _json,
+    _Request,
+    _split_api_path,
+)
+from devstack.dataverse.state import (
     CODE_KEY_NOT_FOUND,
     CODE_NOT_FOUND,
     CODE_ODATA,
@@ -53,11 +59,7 @@ from devstack.dataverse import (
     DataverseError,
     Org,
     Table,
-    _error_response,
-    _json,
     _lower_guid,
-    _Request,
-    _split_api_path,
 )
 
 if TYPE_CHECKING:
