@@ -169,7 +169,7 @@ class _Request:
         args = request.args
         for name in args:
             if expand and name == "$expand":
-                continue  # the caller handles it (devstack/security.py)
+                continue  # the caller handles it (devstack/dataverse/security.py)
             if name in (
                 "$orderby",
                 "$expand",
@@ -321,7 +321,7 @@ class _Request:
         return self.single(user, q.select, "systemuserid", "systemusers")
 
     def expanded_user(self, user: Mapping[str, Any], select: list[str] | None, text: str) -> Response:
-        """A user with its roles / teams (``devstack/security.py``): the one ``$expand`` the app sends."""
+        """A user with its roles / teams (``dataverse/security.py``): the one ``$expand`` the app sends."""
         try:
             items = security.parse_expand(text)
         except security.ExpandError as err:
