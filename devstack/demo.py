@@ -829,9 +829,10 @@ class Demo:
         c = result.counters
         dataverse = c.get("dataverse", {})
         mode = self.options.credential
-        reads = {"secret": "client secret + webhook signing key, once each",
-                 "certificate": "certificate + webhook signing key, once each",
-                 "federated": "webhook signing key only: no client secret exists"}[mode]
+        keys = "webhook + queue-message signing keys"
+        reads = {"secret": f"client secret + {keys}, once each",
+                 "certificate": f"certificate + {keys}, once each",
+                 "federated": f"{keys} only: no client secret exists"}[mode]
         exchange = c.get("identity", {}).get("token-exchange", 0)
         rows = [
             ("managed identity tokens", c.get("identity", {}).get("GET msi", 0),
