@@ -22,17 +22,18 @@ import azure.functions as func
 
 import shared
 from shared import deadline, logs
+from shared.contract import dumps, error_body, is_email_address
 from shared.diagnostics import run_diagnostics
 from shared.errors import ActorError, ConfigurationError, SyncError
-from shared.jobs import dumps, is_email_address, process_message
+from shared.jobs import process_message
 from shared.reconciliation import ROSTER_PATH, SNAPSHOT_PATH, run_reconciliation
 from shared.settings import http_max_wait_seconds
-from shared.webhooks import declared_too_large, error_body, receive_webhook
+from shared.webhooks import declared_too_large, receive_webhook
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from shared.jobs import Job
+    from shared.contract import Job
     from shared.runtime import Runtime
 
 logs.install()

@@ -14,7 +14,7 @@ contract (a peeked message reads as a job, ``queuectl replay`` puts the very sam
 
 ``sig`` = hex HMAC-SHA256, keyed by the message key, of ``queue.v1.<t>.<source>.<canonical job>`` where
 the canonical job is the message without ``_auth``, re-serialised compactly in its own field order
-(``shared.jobs.dumps``).  The job's ``source`` must equal ``_auth.source``: the source is what the
+(``shared.contract.dumps``).  The job's ``source`` must equal ``_auth.source``: the source is what the
 authorization policy and keyless-create ids are scoped by, so it is signed, not trusted.  ``t`` says
 when it was signed and is not checked against a clock: a message may legitimately wait in a queue or be
 replayed from ``-deadletter``/``-poison`` days later.  Replays are safe for other reasons (idempotent

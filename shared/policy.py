@@ -89,7 +89,7 @@ _MAX_PROBLEMS_SHOWN = 5
 
 
 class JobLike(Protocol):
-    """What the policy reads of a job (``shared.jobs.Job``, which sits above this module)."""
+    """What the policy reads of a job (``shared.contract.Job``)."""
 
     @property
     def entity(self) -> str: ...

@@ -20,7 +20,7 @@ Each message is sealed with the app's own message key (``shared.messages``) so `
 it came through here.  Signing keys rotate with a grace period (``shared.keyring``).
 
 All or nothing: ``messages`` is empty unless the status is 202.  Duplicate job ids inside one batch
-are refused, because the id is the idempotency key of keyless creates (see ``shared.jobs``).
+are refused, because the id is the idempotency key of keyless creates (see ``shared.contract``).
 """
 
 from __future__ import annotations
@@ -34,8 +34,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from shared.contract import (
+    MAX_JOB_BYTES,
+    SOURCE,
+    Job,
+    dumps,
+    error_body,
+    loads,
+    parse_job,
+    problems_message,
+    text_size,
+)
 from shared.errors import ConfigurationError, InvalidJob, SyncError
-from shared.jobs import MAX_JOB_BYTES, SOURCE, Job, dumps, loads, parse_job, problems_message, text_size
 from shared.messages import sign
 
 if TYPE_CHECKING:
@@ -64,10 +74,6 @@ class WebhookResult:
     body: dict[str, Any]
     messages: list[str] = field(default_factory=list)
     headers: dict[str, str] = field(default_factory=dict)
-
-
-def error_body(code: str, message: str, details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "details": details or []}}
 
 
 def _fail(status: int, code: str, message: str, details: list[dict[str, Any]] | None = None) -> WebhookResult:

@@ -212,7 +212,7 @@ def open_storage(args: argparse.Namespace) -> Storage:
 
 def describe(queue_kind: str, body: str) -> dict[str, Any]:
     """What an operator needs to see about one message body."""
-    from shared.jobs import loads
+    from shared.contract import loads
 
     try:
         obj = loads(body)
@@ -344,8 +344,8 @@ class ReplayItem:
 
 
 def _replay_item(kind: str, message: QueueMessage) -> ReplayItem:
+    from shared.contract import dumps, loads, parse_job
     from shared.errors import InvalidJob
-    from shared.jobs import dumps, loads, parse_job
     from shared.messages import AUTH_FIELD, strip
 
     body, _ = decode(str(message.content or ""))
@@ -478,7 +478,7 @@ def cmd_replay(storage: Storage, queues: Queues, args: argparse.Namespace, out: 
 
 def load_jobs(path: str, stdin: TextIO | None = None) -> list[Any]:
     """The jobs in a file or on stdin.  Called once per run: stdin can only be read once."""
-    from shared.jobs import loads
+    from shared.contract import loads
 
     try:
         text = (stdin or sys.stdin).read() if path == "-" else Path(path).read_text(encoding="utf-8-sig")
@@ -528,8 +528,8 @@ def read_signing_key(args: argparse.Namespace, environ: Mapping[str, str] | None
 
 
 def cmd_send(storage: Storage, queues: Queues, args: argparse.Namespace, out: TextIO) -> int:
+    from shared.contract import MAX_JOB_BYTES, dumps, parse_job, text_size
     from shared.errors import InvalidJob
-    from shared.jobs import MAX_JOB_BYTES, dumps, parse_job, text_size
     from shared.messages import sign, strip
 
     report = Report(out, args.json)

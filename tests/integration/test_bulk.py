@@ -11,9 +11,9 @@ from azure.functions.queue import QueueMessage
 
 import function_app
 from devstack.control import SandboxClient, Stack
+from shared.contract import deterministic_id
 from shared.dataverse import Caller
 from shared.errors import DataverseError
-from shared.jobs import deterministic_id
 from shared.messages import strip, verify
 from shared.odatabatch import BatchOperation
 from shared.runtime import get_runtime

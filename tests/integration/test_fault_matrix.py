@@ -34,14 +34,15 @@ from azure.functions.queue import QueueMessage
 from requests.adapters import HTTPAdapter
 
 import function_app
+import shared.contract
 import shared.jobs
 import shared.runtime
 import shared.tokens
 from devstack.control import SandboxClient
 from shared import logs
+from shared.contract import MAX_JOB_BYTES
 from shared.dataverse import WriteResult
 from shared.errors import SyncError
-from shared.jobs import MAX_JOB_BYTES
 from shared.runtime import get_runtime, reset_runtime
 from shared.secrets import SecretStore
 from tests.bindings import Out
@@ -563,7 +564,7 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> None:
     """Keeps each WriteResult, to tell a write from a no-op (a replayed create, a delete of nothing)."""
     original = shared.jobs.run_job
 
-    def run_job(job: shared.jobs.Job, runtime: shared.runtime.Runtime) -> WriteResult:
+    def run_job(job: shared.contract.Job, runtime: shared.runtime.Runtime) -> WriteResult:
         result = original(job, runtime)
         RESULTS.append(result)
         return result

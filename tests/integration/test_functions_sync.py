@@ -11,8 +11,8 @@ from azure.functions.queue import QueueMessage
 
 import function_app
 from devstack.control import SandboxClient
+from shared.contract import deterministic_id
 from shared.errors import DataverseError
-from shared.jobs import deterministic_id
 from shared.messages import strip
 from tests.bindings import Out
 from tests.signing import SOURCE, signed_for_env

@@ -181,7 +181,7 @@ def test_w6_bulk_workload_covers_the_same_records_in_jobs_that_fit_a_queue_messa
     import json as _json
 
     from bench.workload import Workload
-    from shared.jobs import MAX_JOB_BYTES, parse_message
+    from shared.contract import MAX_JOB_BYTES, parse_message
 
     single, bulk = Workload("w6s", 1000, 1), Workload("w6b", 1000, 1, 250)
     bodies = list(bulk.bodies())

@@ -11,9 +11,10 @@ import requests
 import responses
 
 from shared.bulk import BulkRecord, write_bulk
+from shared.contract import deterministic_id, parse_job, parse_message
 from shared.dataverse import Caller, DataverseClient
 from shared.errors import DataverseError, InvalidJob
-from shared.jobs import deterministic_id, parse_job, parse_message, record_job
+from shared.jobs import record_job
 from shared.odatabatch import BatchOperation, build, parse
 from shared.settings import Settings
 

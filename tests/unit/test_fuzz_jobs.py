@@ -18,9 +18,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from shared import jobs
-from shared.errors import InvalidJob
-from shared.jobs import (
+from shared import contract
+from shared.contract import (
     ACT_AS_FIELDS,
     FIELDS,
     MAX_JOB_BYTES,
@@ -29,8 +28,9 @@ from shared.jobs import (
     is_email_address,
     parse_job,
     parse_message,
-    process_message,
 )
+from shared.errors import InvalidJob
+from shared.jobs import process_message
 from shared.keyring import KeyRing
 from shared.messages import strip
 from tests.signing import signed_text
@@ -147,8 +147,8 @@ any_messages = st.one_of(
     st.text(max_size=400),
     st.text(max_size=400).map(lambda t: t.encode("utf-8")),
     json_values.map(json.dumps),
-    valid_jobs().map(jobs.dumps),
-    broken_jobs().map(lambda broken: jobs.dumps(broken[0])),
+    valid_jobs().map(contract.dumps),
+    broken_jobs().map(lambda broken: contract.dumps(broken[0])),
     nested,
 )
 
@@ -164,7 +164,7 @@ def test_any_message_is_a_job_or_an_invalid_job(body: str | bytes) -> None:
         assert isinstance(job, Job) and isinstance(job.raw, dict)
 
 
-@pytest.mark.parametrize("depth", [jobs.MAX_NESTING + 1, 990, 5000])
+@pytest.mark.parametrize("depth", [contract.MAX_NESTING + 1, 990, 5000])
 def test_deeply_nested_json_is_invalid_json_not_a_crash(depth: int) -> None:
     """json recurses per level: a few thousand brackets, far below the size limit, used to escape as
     RecursionError (from parsing, or from dumping a value parsed just under the interpreter's limit)."""
@@ -177,10 +177,10 @@ def test_deeply_nested_json_is_invalid_json_not_a_crash(depth: int) -> None:
 
 
 def test_nesting_up_to_the_bound_is_a_job() -> None:
-    inner = jobs.MAX_NESTING - 2  # the job object and its data object are two levels
+    inner = contract.MAX_NESTING - 2  # the job object and its data object are two levels
     nested_list = json.loads("[" * inner + "]" * inner)
     job = {"id": "j", "entity": "contacts", "operation": "create", "data": {"a": nested_list}}
-    assert parse_message(jobs.dumps(job)).raw == job
+    assert parse_message(contract.dumps(job)).raw == job
 
 
 # --- valid jobs ------------------------------------------------------------------------------------
@@ -196,8 +196,8 @@ def expected_act_as(raw: dict[str, str] | None) -> dict[str, str] | None:
 @FUZZ
 @given(valid_jobs())
 def test_valid_jobs_parse_and_round_trip(raw: dict[str, Any]) -> None:
-    text = jobs.dumps(raw)
-    assume(jobs.text_size(text) <= MAX_JOB_BYTES)
+    text = contract.dumps(raw)
+    assume(contract.text_size(text) <= MAX_JOB_BYTES)
     parsed = parse_message(text)
     assert parsed.raw == raw
     assert (parsed.id, parsed.entity, parsed.operation) == (raw["id"], raw["entity"], raw["operation"])
@@ -209,14 +209,14 @@ def test_valid_jobs_parse_and_round_trip(raw: dict[str, Any]) -> None:
     for body in (text.encode("utf-8"), b"\xef\xbb\xbf" + text.encode("utf-8"), json.dumps(raw)):
         assert parse_message(body) == parsed
     # the canonical text is stable: what is enqueued again parses to the same job
-    assert jobs.dumps(parsed.raw) == text
-    assert parse_message(jobs.dumps(parsed.raw)) == parsed
+    assert contract.dumps(parsed.raw) == text
+    assert parse_message(contract.dumps(parsed.raw)) == parsed
     # a keyless create writes to the same record on every delivery, and only this job does
     write_key = parsed.write_key()
     assert write_key == parse_message(text).write_key()
     if key is None:
         other_id = raw["id"][:127] + ("y" if raw["id"].endswith("x") else "x")
-        other = parse_message(jobs.dumps({**raw, "id": other_id}))
+        other = parse_message(contract.dumps({**raw, "id": other_id}))
         assert isinstance(write_key, str) and other.write_key() != write_key
 
 
@@ -288,7 +288,8 @@ def _signed(body: str | bytes) -> str | bytes:
     """A JSON object is signed as the webhook would (so the schema is what is fuzzed); anything else,
     or an object signing refuses (a foreign ``source``), goes as it is and must be refused."""
     try:
-        value = jobs.loads((body.decode("utf-8") if isinstance(body, bytes) else body).removeprefix("\ufeff"))
+        text = body.decode("utf-8") if isinstance(body, bytes) else body
+        value = contract.loads(text.removeprefix("\ufeff"))
     except ValueError:
         return body
     if not isinstance(value, dict) or "_auth" in value:
@@ -306,17 +307,17 @@ def test_process_message_dead_letters_every_invalid_message(body: str | bytes) -
     try:
         outcome = process_message(body, _runtime)
     except _Reached:
-        parse_job(strip(jobs.loads(body if isinstance(body, str) else body.decode())))  # only a valid job
+        parse_job(strip(contract.loads(body if isinstance(body, str) else body.decode())))  # only a valid job
         return
     assert outcome.result is None
     record = outcome.dead_letter
     assert record is not None and set(record) == {"job", "reason", "detail", "failedAt"}
     assert record["reason"] in DEAD_LETTER_CODES and record["detail"]
-    text = jobs.dumps(record)  # strict JSON that fits on a queue
-    assert jobs.text_size(text) <= MAX_JOB_BYTES
+    text = contract.dumps(record)  # strict JSON that fits on a queue
+    assert contract.text_size(text) <= MAX_JOB_BYTES
     decoded = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
     try:
-        original: Any = jobs.loads(decoded.removeprefix("\ufeff"))
+        original: Any = contract.loads(decoded.removeprefix("\ufeff"))
     except ValueError:
         original = decoded
     assert record["job"] == original

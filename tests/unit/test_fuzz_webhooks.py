@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import function_app
-from shared import jobs
+from shared import contract
+from shared.contract import MAX_JOB_BYTES, parse_job
 from shared.errors import AuthError, ConfigurationError, SyncError
-from shared.jobs import MAX_JOB_BYTES, parse_job
 from shared.messages import strip, verify
 from shared.webhooks import MAX_BODY_BYTES, TOLERANCE_SECONDS, WebhookResult, handle_webhook, signature_header
 from tests.bindings import Out
@@ -51,7 +51,7 @@ BEFORE_THE_KEY = {
 
 def _padded(n: int) -> bytes:
     """A valid single job padded with whitespace to exactly ``n`` bytes (still valid JSON)."""
-    job = jobs.dumps({"id": "big", "entity": "contacts", "operation": "delete", "key": {"a": 1}})
+    job = contract.dumps({"id": "big", "entity": "contacts", "operation": "delete", "key": {"a": 1}})
     return (job + " " * (n - len(job))).encode()
 
 
@@ -170,7 +170,7 @@ def assert_documented(result: WebhookResult, key: KeySource, body: bytes, source
     assert KEY not in json.dumps(result.body)
     if result.status == 202:
         assert set(result.body) == {"accepted", "ids"}
-        payload = jobs.loads(body.decode("utf-8-sig"))
+        payload = contract.loads(body.decode("utf-8-sig"))
         received = payload["jobs"] if isinstance(payload, dict) and "jobs" in payload else [payload]
         assert result.body["accepted"] == len(received) == len(result.messages)
         assert result.body["ids"] == [job["id"] for job in received]
@@ -180,8 +180,8 @@ def assert_documented(result: WebhookResult, key: KeySource, body: bytes, source
         # sealed by the function (never by handle_webhook without a seal): all of them, with the app's key
         sealed = [m for m in decoded if "_auth" in m]
         assert sealed in ([], decoded) and all(verify(m, [UNIT_MESSAGE_KEY]) for m in sealed)
-        assert result.messages == [jobs.dumps(m) for m in decoded]
-        assert all(jobs.text_size(m) <= MAX_JOB_BYTES for m in result.messages)
+        assert result.messages == [contract.dumps(m) for m in decoded]
+        assert all(contract.text_size(m) <= MAX_JOB_BYTES for m in result.messages)
         assert key.calls == 1 and key.mode == "ok"
         return
     assert result.messages == []
@@ -243,7 +243,7 @@ def test_a_signed_batch_is_all_or_nothing(batch: tuple[list[Any], int | None], s
     result = handle_webhook("crm", headers, body, key, now=NOW)
     assert_documented(result, key, body)
     enqueued = [{**j, "source": "crm"} if isinstance(j, dict) else j for j in jobs_sent]
-    too_large = any(jobs.text_size(jobs.dumps(j)) > MAX_JOB_BYTES for j in enqueued)
+    too_large = any(contract.text_size(contract.dumps(j)) > MAX_JOB_BYTES for j in enqueued)
     if bad_at is None:
         assert result.status == (413 if too_large else 202)
         return

@@ -13,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared import jobs
+from shared import contract, jobs
+from shared.contract import MAX_JOB_BYTES, deterministic_id, parse_job, parse_message
 from shared.errors import (
     ActorError,
     AuthError,
@@ -23,7 +24,7 @@ from shared.errors import (
     InvalidJob,
     SyncError,
 )
-from shared.jobs import MAX_JOB_BYTES, deterministic_id, parse_job, parse_message, process_message, run_job
+from shared.jobs import process_message, run_job
 from shared.messages import strip
 from tests.signing import SOURCE, signed_text
 from tests.unit.functions_fakes import DISABLED, JANE, JOHN, FakeDataverse, FakeRuntime
@@ -259,7 +260,7 @@ def test_fuzz_any_json_is_a_job_or_an_invalid_job(value: object) -> None:
 @given(
     st.from_regex(r"[A-Za-z0-9._:-]{1,128}", fullmatch=True),
     st.from_regex(r"[a-z][a-z0-9_]{0,30}", fullmatch=True),
-    st.sampled_from(jobs.OPERATIONS),
+    st.sampled_from(contract.OPERATIONS),
     st.dictionaries(
         st.from_regex(r"[a-z][a-z0-9_]{0,10}", fullmatch=True),
         st.text(max_size=20) | st.integers() | st.booleans(),
@@ -273,7 +274,7 @@ def test_fuzz_generated_valid_jobs_parse(
     raw: dict[str, Any] = {"id": job_id, "entity": entity, "operation": operation, "key": key}
     if operation != "delete":
         raw["data"] = {"name": "x"}
-    parsed = parse_message(jobs.dumps(raw).encode())
+    parsed = parse_message(contract.dumps(raw).encode())
     assert (parsed.id, parsed.entity, parsed.operation, parsed.key) == (job_id, entity, operation, key)
 
 
@@ -329,7 +330,7 @@ def test_keyless_create_gets_a_deterministic_id_and_is_written_with_it() -> None
     runtime = FakeRuntime()
     raw = job(operation="create", key=...)
     run_job(parse_job(raw), runtime)  # type: ignore[arg-type]
-    expected = str(uuid.uuid5(jobs.JOB_NAMESPACE, "contacts:crm-evt-000123"))
+    expected = str(uuid.uuid5(contract.JOB_NAMESPACE, "contacts:crm-evt-000123"))
     assert runtime.dataverse.calls[0].key == expected == str(deterministic_id("contacts", "crm-evt-000123"))
     assert expected != str(deterministic_id("accounts", "crm-evt-000123"))
 
@@ -533,11 +534,11 @@ LONE_SURROGATES = [
 def test_a_lone_surrogate_escape_is_invalid_json(text: str) -> None:
     """json accepts "\\ud800", but the string can never be encoded as UTF-8 (queue, Dataverse): refuse it."""
     with pytest.raises(ValueError, match="surrogate"):
-        jobs.loads(text)
+        contract.loads(text)
 
 
 def test_a_surrogate_pair_escape_is_fine() -> None:
-    assert jobs.loads('{"x": "\\ud83d\\ude00"}') == {"x": "\U0001f600"}
+    assert contract.loads('{"x": "\\ud83d\\ude00"}') == {"x": "\U0001f600"}
 
 
 def test_a_lone_surrogate_on_the_queue_is_dead_lettered_not_poisoned() -> None:
@@ -549,14 +550,14 @@ def test_a_lone_surrogate_on_the_queue_is_dead_lettered_not_poisoned() -> None:
     assert outcome.dead_letter["reason"] == "invalid_json"
     assert "surrogate" in outcome.dead_letter["detail"]
     assert runtime.dataverse.calls == []
-    jobs.dumps(outcome.dead_letter).encode("utf-8")  # the record itself is sendable
+    contract.dumps(outcome.dead_letter).encode("utf-8")  # the record itself is sendable
 
 
 def test_a_lone_surrogate_in_a_str_message_is_dead_lettered() -> None:
     outcome = process('{"id": "crm-1", "entity": "contacts", "operation": "create", "data": {"a": "\ud800"}}',
                       FakeRuntime())
     assert outcome.dead_letter is not None and outcome.dead_letter["reason"] == "invalid_json"
-    jobs.dumps(outcome.dead_letter).encode("utf-8")
+    contract.dumps(outcome.dead_letter).encode("utf-8")
 
 
 # --- source: the scope of a keyless create's idempotency key ------------------------------------------
@@ -574,7 +575,7 @@ def test_keyless_create_id_is_scoped_by_source() -> None:
     assert crm != erp
     assert parse_job(_keyless(source="crm")).write_key() == crm
     raw = _keyless(source="crm")
-    assert crm == str(uuid.uuid5(jobs.JOB_NAMESPACE, f"crm:{raw['entity']}:{raw['id']}"))
+    assert crm == str(uuid.uuid5(contract.JOB_NAMESPACE, f"crm:{raw['entity']}:{raw['id']}"))
 
 
 def test_a_message_without_source_keeps_the_old_id_so_queued_jobs_replay_identically() -> None:
@@ -582,7 +583,7 @@ def test_a_message_without_source_keeps_the_old_id_so_queued_jobs_replay_identic
     assert "source" not in raw
     parsed = parse_job(raw)
     assert parsed.source is None
-    assert parsed.write_key() == str(uuid.uuid5(jobs.JOB_NAMESPACE, f"{raw['entity']}:{raw['id']}"))
+    assert parsed.write_key() == str(uuid.uuid5(contract.JOB_NAMESPACE, f"{raw['entity']}:{raw['id']}"))
     assert parsed.write_key() == str(deterministic_id(raw["entity"], raw["id"]))
 
 
@@ -603,16 +604,19 @@ def test_two_sources_same_job_id_write_two_records() -> None:
     assert keys[0] == keys[2] != keys[1]  # crm twice: one record; erp: its own
 
 
-def test_one_set_of_guid_and_email_validators() -> None:
-    """The job parser checks GUIDs and emails with shared.contract's functions, not copies of them."""
+def test_the_contract_lives_in_one_module() -> None:
+    """shared.contract owns the schema, the codec and the one GUID/email check; shared.jobs only runs
+    jobs, so it neither defines nor re-exports them (callers import the contract from its home)."""
     import shared.contract
     import shared.jobs
 
-    assert shared.jobs.is_guid is shared.contract.is_guid
-    assert shared.jobs.is_email_address is shared.contract.is_email_address
-    assert shared.jobs.ACT_AS_FIELDS is shared.contract.ACT_AS_FIELDS
-    source = Path(shared.jobs.__file__).read_text(encoding="utf-8")
-    assert "re.compile(r\"[0-9a-fA-F]{8}" not in source
+    for name in ("is_guid", "is_email_address", "ACT_AS_FIELDS", "FIELDS", "OPERATIONS", "problems_message",
+                 "check_records", "MAX_NESTING"):
+        assert hasattr(shared.contract, name) and not hasattr(shared.jobs, name), name
+    assert shared.jobs.parse_job is shared.contract.parse_job  # used by read_message, not a copy
+    for module in (shared.jobs, shared.contract):
+        source = Path(module.__file__ or "").read_text(encoding="utf-8")
+        assert source.count("re.compile(r\"[0-9a-fA-F]{8}") == (module is shared.contract), module
 
 
 # --- ifMatch (ordering) ------------------------------------------------------------------------------

@@ -12,9 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared import jobs, policy
+from shared import contract, policy
+from shared.contract import parse_job
 from shared.errors import ActorError, ConfigurationError, PolicyViolation, SyncError
-from shared.jobs import parse_job, process_message
+from shared.jobs import process_message
 from shared.memberships import SYSTEM_ADMINISTRATOR_TEMPLATE, Membership, Role, Team
 from shared.policy import Authorizer, actor_problem, default_policy, job_problems, parse_policy
 from shared.webhooks import handle_webhook, signature_header
@@ -54,7 +55,7 @@ def parsed(obj: Any = EXAMPLE) -> policy.Policy:
     return parse_policy(json.dumps(obj))
 
 
-def a_job(source: str | None = "crm", **fields: Any) -> jobs.Job:
+def a_job(source: str | None = "crm", **fields: Any) -> contract.Job:
     base: dict[str, Any] = {"id": "j-1", "entity": "contacts", "operation": "create",
                             "data": {"firstname": "Ada"}, "actAs": {"email": "jane@contoso.com"}}
     base.update(fields)
@@ -473,7 +474,7 @@ def test_the_webhook_looks_each_distinct_actor_up_once_and_reports_in_batch_orde
 # --- bulk jobs: every record is checked --------------------------------------------------------------
 
 
-def bulk(source: str | None = "crm", **fields: Any) -> jobs.Job:
+def bulk(source: str | None = "crm", **fields: Any) -> contract.Job:
     base: dict[str, Any] = {"id": "b-1", "entity": "contacts", "operation": "upsert",
                             "records": [{"key": {"emailaddress1": "a@x.com"}, "data": {"firstname": "A"}},
                                         {"key": {"emailaddress1": "b@x.com"}, "data": {"description": "B"}}],

@@ -356,7 +356,7 @@ def test_runs_as_a_script_from_any_directory(tmp_path: Path) -> None:
     for code in queuectl.EXIT_CODES:
         assert f"  {code}  " in done.stdout
     broken = tmp_path / "broken.json"
-    broken.write_text("{")  # needs shared.jobs: proves the checkout's packages are importable
+    broken.write_text("{")  # needs shared.contract: proves the checkout's packages are importable
     done = subprocess.run([sys.executable, script, "send", str(broken)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == queuectl.EXIT_USAGE and "not valid JSON" in done.stderr, done.stderr

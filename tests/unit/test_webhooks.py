@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shared.contract import MAX_JOB_BYTES
 from shared.errors import AuthError, ConfigurationError
-from shared.jobs import MAX_JOB_BYTES
 from shared.webhooks import (
     MAX_BODY_BYTES,
     TOLERANCE_SECONDS,
@@ -485,7 +485,7 @@ def test_a_job_naming_its_own_source_must_name_the_route_source() -> None:
 
 
 def test_keyless_creates_from_two_sources_with_the_same_job_id_get_two_records() -> None:
-    from shared.jobs import parse_message
+    from shared.contract import parse_message
 
     create = job(0, operation="create")
     del create["key"]
