@@ -458,6 +458,9 @@ MAX_BLOB_RECORDS = 10_000
 MAX_BLOB_BYTES = 32 * 1024 * 1024
 MAX_RECORD_BYTES = 32 * 1024
 """One record of a blob batch: its dead-letter record (the record as a single job) must fit a queue."""
+APP_STATE_CONTAINERS = ("reconciliation", "webhook-replay", "dataverse-throttle", "config")
+"""The app's own state (roster and snapshots, replay window, throttle, policy): never a job's claim-check,
+whatever the sender writes (the infra grants the app these containers for its own use)."""
 _BLOB_REF = re.compile(r"([a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62})/([^\x00-\x1f\x7f\\]{1,1024})")
 
 
@@ -480,6 +483,10 @@ def check_bulk_fields(
             return None, None
         if ref.startswith("azure-webjobs-"):
             errors.add("must not name the Functions host's own containers (azure-webjobs-*)", "recordsBlob")
+            return None, None
+        if ref.split("/", 1)[0] in APP_STATE_CONTAINERS:
+            errors.add(f"must not name the app's own state containers ({', '.join(APP_STATE_CONTAINERS)}); "
+                       "claim-checks go to bulk-records", "recordsBlob")
             return None, None
         return None, ref
     records = obj["records"]

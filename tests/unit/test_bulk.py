@@ -115,6 +115,12 @@ def test_record_problems_name_their_paths_all_at_once() -> None:
             "must not name the Functions host's own containers (azure-webjobs-*)",
         ),
         (
+            {"recordsBlob": "reconciliation/roster.csv"},
+            "recordsBlob",
+            "must not name the app's own state containers (reconciliation, webhook-replay, "
+            "dataverse-throttle, config); claim-checks go to bulk-records",
+        ),
+        (
             {"recordsBlob": "batches/x.json", "records": [{"a": 1}]},
             "recordsBlob",
             "give records or recordsBlob, not both",
@@ -400,3 +406,12 @@ def test_message_support_is_asked_once_with_escaped_literals() -> None:
         "$filter=sdkmessageid%2Fname%20eq%20%27CreateMultiple%27%20and%20"
         "primaryobjecttypecode%20eq%20%27contact%27"
     )
+
+
+def test_the_app_state_containers_are_the_ones_the_app_uses() -> None:
+    """A claim-check may never name a container the app keeps its own state in (a new one must be added)."""
+    from shared import contract, reconciliation, replay, throttle
+
+    used = {replay.CONTAINER, throttle.CONTAINER, reconciliation.ROSTER_PATH.split("/")[0],
+            reconciliation.SNAPSHOT_PATH.split("/")[0], "config"}
+    assert used == set(contract.APP_STATE_CONTAINERS)
