@@ -33,6 +33,8 @@ from typing import Any
 from bench.report import REQUEST_KIND, window_minimum_seconds
 from bench.stack import ROOT, StackProcess
 from devstack.control import SandboxClient
+from devstack.sandboxes import MESSAGE_SECRET_NAME
+from shared.messages import sign
 
 ACTORS = 10
 REQUESTS, WINDOW = 125, 5.0  # 25 requests/s sustained (the real limit: 6,000 per 300 s = 20/s)
@@ -153,11 +155,12 @@ def one_run(stack: StackProcess, n: int, shared: bool, jobs: int, timeout: float
         else:  # the machine's own ceiling: the same hosts and workload, no service protection
             sbx.set_limits(requests=10**7, execution_ms=10**10, concurrent=10**4, dop_hint=DOP_HINT)
         sbx.set_latency("dataverse", LATENCY)
-        bodies = [json.dumps({
+        key = sbx.secret(MESSAGE_SECRET_NAME)  # signed as the webhook signs: sync_job refuses unsigned ones
+        bodies = [json.dumps(sign({
             "id": f"{prefix}-{i:06d}", "entity": "contacts", "operation": "upsert",
             "key": {"emailaddress1": f"{prefix}-{i:06d}@example.com"},
             "data": {"lastname": f"W5 {i}"}, "actAs": {"email": f"actor{i % ACTORS + 1:04d}@contoso.com"},
-        }, separators=(",", ":")) for i in range(jobs)]
+        }, "bench", key), separators=(",", ":")) for i in range(jobs)]
         enqueue(connection, queue, bodies)
         sbx.reset_counters()
         load = os.getloadavg()[0]
