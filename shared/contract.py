@@ -110,7 +110,8 @@ def deterministic_id(entity: str, job_id: str, source: str | None = None) -> uui
     return uuid.uuid5(JOB_NAMESPACE, name)
 
 
-def _json_type(value: object) -> str:
+def json_type(value: object) -> str:
+    """How an error message names a JSON value's type (policy validation words it the same way)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -145,7 +146,7 @@ def parse_job(obj: object, *, where: str = "") -> Job:
     """Validate one job (already decoded JSON).  ``where`` prefixes field names, e.g. ``jobs[3]``."""
     errors = _Errors(where)
     if not isinstance(obj, dict):
-        errors.add(f"must be a JSON object, got {_json_type(obj)}")
+        errors.add(f"must be a JSON object, got {json_type(obj)}")
         raise _invalid(errors)
 
     for name in obj:
@@ -236,10 +237,10 @@ def _check_key(obj: Mapping[str, Any], operation: object, errors: _Errors) -> st
             elif isinstance(value, float) and not math.isfinite(value):
                 errors.add("must be a finite number", "key", name)
             elif not isinstance(value, str | int | float | bool):
-                errors.add(f"must be a string, number or boolean, got {_json_type(value)}", "key", name)
+                errors.add(f"must be a string, number or boolean, got {json_type(value)}", "key", name)
         return key
     errors.add(
-        f"must be a GUID string or an alternate-key object, got {_json_type(key)}"
+        f"must be a GUID string or an alternate-key object, got {json_type(key)}"
         + (" (omit it instead of null)" if key is None else ""),
         "key",
     )
@@ -257,7 +258,7 @@ def _check_data(obj: Mapping[str, Any], operation: object, errors: _Errors) -> d
         return None
     data = obj["data"]
     if not isinstance(data, dict):
-        errors.add(f"must be an object of column values, got {_json_type(data)}", "data")
+        errors.add(f"must be an object of column values, got {json_type(data)}", "data")
         return None
     if not data:
         errors.add("must not be empty", "data")
@@ -271,7 +272,7 @@ def _check_act_as(obj: Mapping[str, Any], errors: _Errors) -> dict[str, str] | N
     act_as = obj["actAs"]
     if not isinstance(act_as, dict):
         hint = " (omit it to act as the application user)" if act_as is None else ""
-        errors.add(f"must be an object, got {_json_type(act_as)}{hint}", "actAs")
+        errors.add(f"must be an object, got {json_type(act_as)}{hint}", "actAs")
         return None
     unknown = [name for name in act_as if name not in ACT_AS_FIELDS]
     for name in unknown:
@@ -491,7 +492,7 @@ def check_bulk_fields(
         return None, ref
     records = obj["records"]
     if not isinstance(records, list):
-        errors.add(f"must be an array of records, got {_json_type(records)}", "records")
+        errors.add(f"must be an array of records, got {json_type(records)}", "records")
         return None, None
     if not 1 <= len(records) <= MAX_INLINE_RECORDS:
         errors.add(f"must hold 1 to {MAX_INLINE_RECORDS} records (more: use recordsBlob), got {len(records)}",
@@ -509,7 +510,7 @@ def check_records(
         sub = _Errors(f"{where}[{index}]")
         sub.items = errors.items  # one list: every problem of the job at once
         if not isinstance(record, dict):
-            sub.add(f"must be an object with {' and '.join(RECORD_FIELDS)}, got {_json_type(record)}")
+            sub.add(f"must be an object with {' and '.join(RECORD_FIELDS)}, got {json_type(record)}")
             continue
         for name in record:
             if name not in RECORD_FIELDS:

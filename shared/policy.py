@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from shared.attribution import check_eligible
-from shared.contract import is_email_address, is_guid
+from shared.contract import is_email_address, is_guid, json_type
 from shared.errors import ActorError, ConfigurationError, PolicyViolation, SyncError
 from shared.memberships import SYSTEM_ADMINISTRATOR_TEMPLATE, Membership
 
@@ -175,7 +175,7 @@ def _member(path: str, name: str) -> str:
 def _object(value: object, path: str, problems: _Problems, allowed: Iterable[str] | None = None,
             required: Iterable[str] = ()) -> dict[str, Any] | None:
     if not isinstance(value, dict):
-        problems.add(path, f"must be an object, got {_kind(value)}")
+        problems.add(path, f"must be an object, got {json_type(value)}")
         return None
     if allowed is not None:
         names = tuple(allowed)
@@ -188,24 +188,10 @@ def _object(value: object, path: str, problems: _Problems, allowed: Iterable[str
     return value
 
 
-def _kind(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
 def _bool(obj: Mapping[str, Any], name: str, path: str, problems: _Problems) -> bool:
     value = obj.get(name, False)
     if not isinstance(value, bool):
-        problems.add(_member(path, name), f"must be true or false, got {_kind(value)}")
+        problems.add(_member(path, name), f"must be true or false, got {json_type(value)}")
         return False
     return value
 
@@ -219,13 +205,13 @@ def _strings(obj: Mapping[str, Any], name: str, path: str, problems: _Problems,
         return None
     if not isinstance(value, list):
         expected = 'an array of strings or "*"' if star else "an array of strings"
-        problems.add(where, f"must be {expected}, got {_kind(value)}")
+        problems.add(where, f"must be {expected}, got {json_type(value)}")
         return []
     seen: set[str] = set()
     out: list[str] = []
     for index, item in enumerate(value):
         if not isinstance(item, str):
-            problems.add(f"{where}[{index}]", f"must be a string, got {_kind(item)}")
+            problems.add(f"{where}[{index}]", f"must be a string, got {json_type(item)}")
             continue
         problem = check(item)
         if problem is not None:
