@@ -7,39 +7,15 @@ dead-lettered, the delete ran with no check at all.
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any
 
 import pytest
-from azure.functions.queue import QueueMessage
 
-import function_app
 from devstack.control import SandboxClient
 from tests.bindings import Out
-from tests.signing import signed_for_env
+from tests.integration.test_functions_sync import job, run  # one way to run a signed job
 
 pytestmark = pytest.mark.integration
-
-
-def run(payload: dict[str, Any]) -> Out:
-    out = Out()
-    function_app.sync_job(
-        QueueMessage(id=str(uuid.uuid4()), body=signed_for_env(payload).encode(), dequeue_count=1), out
-    )
-    return out
-
-
-def job(**overrides: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "id": f"at-{uuid.uuid4().hex[:12]}",
-        "entity": "contacts",
-        "operation": "upsert",
-        "key": {"emailaddress1": "ada@example.com"},
-        "data": {"firstname": "Ada", "lastname": "Lovelace"},
-        "actAs": {"email": "jane@contoso.com"},
-    }
-    base.update(overrides)
-    return base
 
 
 def dead_letter(out: Out) -> dict[str, Any]:
