@@ -49,6 +49,8 @@ REFRESH_SECONDS = 0.1
 HEARTBEAT_SECONDS = 1.0
 GROW_AFTER = 2
 HOSTS = (1, 4, 16)
+FULL_JOBS, QUICK_JOBS, CONTROL_JOBS = 20_000, 1_500, 1_500
+CONTROL_TIMEOUT = 300.0
 TARGET_RATIO, TARGET_429 = 0.85, 0.02
 RESULTS = ROOT / "bench" / "results"
 BENCH_DOC = ROOT / "docs" / "bench.md"
@@ -196,13 +198,14 @@ def one_run(stack: StackProcess, n: int, shared: bool, jobs: int, timeout: float
     throttled = counters.get("status:429", 0)
     wall = max(finished - started, 1e-9)
     written = len(copies)
-    # the fewest requests this workload needs: one write per job + per host one WhoAmI and one
-    # lookup per actor (caches are per instance)
-    needed = jobs + n * (ACTORS + 1)
+    # the fewest requests this workload needs: one write per job + per host, for each actor, one
+    # systemusers lookup and one WhoAmI (the attribution check; both caches are per instance)
+    needed = jobs + n * 2 * ACTORS
     minimum = window_minimum_seconds(needed, REQUESTS, WINDOW, LATENCY)
     return {
         "hosts": n, "shared": shared, "limited": limited, "jobs": jobs, "written": written,
-        "lost": jobs - written - unfinished, "unfinished": unfinished,
+        # lost: neither written nor in any queue (a poisoned or dead-lettered job is kept, with its reason)
+        "lost": max(0, jobs - written - unfinished - poison - dead), "unfinished": unfinished,
         "duplicates": sum(c - 1 for c in copies.values()),
         "poison": poison, "dead_letter": dead, "gave_up": gave_up,
         "wall_s": round(wall, 2), "jobs_per_s": round(written / wall, 2),
@@ -217,21 +220,30 @@ def one_run(stack: StackProcess, n: int, shared: bool, jobs: int, timeout: float
     }
 
 
-def run(quick: bool, hosts: tuple[int, ...] = HOSTS, jobs: int | None = None, timeout: float = 900,
-        write: bool = True, log_dir: Path | None = None, capacity: bool = True) -> dict[str, Any]:
-    jobs = jobs or (1500 if quick else 20_000)
+def run(quick: bool, hosts: tuple[int, ...] = HOSTS, jobs: int | None = None, timeout: float | None = None,
+        write: bool = True, log_dir: Path | None = None, capacity: bool = True,
+        modes: tuple[bool, ...] = (True, False)) -> dict[str, Any]:
+    """The throttle-on runs get the full queue; the controls (off, and the machine's ceiling) get
+    ``CONTROL_JOBS``: with the throttle off, 16 hosts would spend hours refusing each other, and the
+    ceiling needs no more to show whether this machine could reach the limit at all."""
+    jobs = jobs or (QUICK_JOBS if quick else FULL_JOBS)
+    control = min(jobs, CONTROL_JOBS)
     log_dir = log_dir or Path(tempfile.gettempdir()) / "bench-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     runs = []
-    plan = [(n, shared, True) for n in hosts for shared in (True, False)]
+    plan = [(n, shared, True, jobs if shared else control) for n in hosts for shared in modes]
     if capacity:
-        plan.append((max(hosts), True, False))
+        plan.append((max(hosts), True, False, control))
     with StackProcess(azurite=True) as stack:
-        for n, shared, limited in plan:
+        for n, shared, limited, count in plan:
             log(f"W5 {n} host(s), shared throttle {'on' if shared else 'off'}"
-                f"{'' if limited else ', NO service protection (machine ceiling)'}: {jobs} jobs ...")
+                f"{'' if limited else ', NO service protection (machine ceiling)'}: {count} jobs ...")
+            # throttle on: long enough for 30 % of the limit (at least 900 s); a control that has
+            # not finished after CONTROL_TIMEOUT has shown what it shows (reported as "gave up")
+            limit = timeout or (max(900.0, count / (REQUESTS / WINDOW) / 0.3) if shared and limited
+                                else CONTROL_TIMEOUT)
             try:
-                result = one_run(stack, n, shared, jobs, timeout, log_dir, limited=limited)
+                result = one_run(stack, n, shared, count, limit, log_dir, limited=limited)
             except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                 log(f"  not measured: {exc}")
                 continue
@@ -242,7 +254,8 @@ def run(quick: bool, hosts: tuple[int, ...] = HOSTS, jobs: int | None = None, ti
                 f"duplicates {result['duplicates']}, hosts' CPU {result['children_cpu_s']} s")
     results = {
         "quick": quick, "finished_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "jobs": jobs, "limits": {"requests": REQUESTS, "window_seconds": WINDOW, "execution_ms": EXECUTION_MS,
+        "jobs": jobs, "control_jobs": control,
+        "limits": {"requests": REQUESTS, "window_seconds": WINDOW, "execution_ms": EXECUTION_MS,
                                  "concurrent": CONCURRENT, "dop_hint": DOP_HINT, "latency_s": LATENCY},
         "cpus": os.cpu_count(), "runs": runs,
     }
@@ -278,6 +291,8 @@ def targets(runs: list[dict[str, Any]]) -> list[tuple[str, str, str, bool | None
         # Not a target: it says whether this machine could reach the service limit at all.
         out.append((f"W5 machine ceiling, N={ceiling['hosts']}, no limits", "(context) above the limit",
                     f"{ceiling['jobs_per_s']:.1f} vs limit {top['limit_jobs_per_s']:.1f} jobs/s", None))
+    parked = sum(r["poison"] + r["dead_letter"] for r in shared.values())
+    out.append(("W5 throttle on: jobs poisoned or dead-lettered", "0", str(parked), parked == 0))
     lost = sum(r["lost"] for r in runs)
     dups = sum(r["duplicates"] for r in runs)
     out.append(("W5 lost / duplicates", "0 / 0 in every run", f"{lost} / {dups}", lost == 0 and dups == 0))
@@ -290,29 +305,31 @@ def render(results: dict[str, Any]) -> str:
         "### W5: N hosts, one Dataverse budget (shared throttle on vs off)",
         "",
         f"`make bench` W5 ({'quick run' if results['quick'] else 'full run'}, {results['finished_at']}, "
-        f"{results['cpus']} CPUs): {results['jobs']} jobs in one queue, N local host processes "
+        f"{results['cpus']} CPUs): {results['jobs']} jobs in one queue (the controls — throttle off, and "
+        f"no limits — {results.get('control_jobs', results['jobs'])}), N local host processes "
         f"(`devstack.host`, host.json concurrency 24 each) against ONE sandbox. Limits scaled from "
         f"6,000 requests / 1,200 s execution per 300 s to {limits['requests']} requests / "
         f"{limits['execution_ms'] / 1000:g} s per {limits['window_seconds']:g} s "
         f"({limits['requests'] / limits['window_seconds']:g} requests/s sustained; the real limit is 20/s), "
         f"{limits['concurrent']} concurrent, `x-ms-dop-hint` {limits['dop_hint']}, "
         f"{limits['latency_s'] * 1000:g} ms per request. *limit* = the most the window allows for the "
-        "requests the workload needs (one write per job + per host one WhoAmI and one lookup per actor): "
+        "requests the workload needs (one write per job + per host and actor one lookup and one WhoAmI): "
         "floor((R - 1) ÷ per window) windows + one round trip; *vs limit* = that ÷ the time taken.",
         "",
-        "| hosts | shared throttle | jobs/s | limit jobs/s | vs limit | 429s | 429 share | requests/job | "
-        "lost | duplicates | poison | hosts' CPU s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| hosts | shared throttle | jobs | jobs/s | limit jobs/s | vs limit | 429s | 429 share | "
+        "requests/job | lost | duplicates | poison | hosts' CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["runs"]:
         if not r.get("limited", True):
             lines.append(
-                f"| {r['hosts']} | on, **no limits** (machine ceiling) | {r['jobs_per_s']:.1f} | — | — | "
+                f"| {r['hosts']} | on, **no limits** (machine ceiling) | {r['jobs']} | {r['jobs_per_s']:.1f} "
+                "| — | — | "
                 f"{r['throttled']} | — | {r['requests_per_job']:.2f} | {r['lost']} | {r['duplicates']} | "
                 f"{r['poison']} | {r['children_cpu_s']} |")
             continue
         lines.append(
-            f"| {r['hosts']} | {'on' if r['shared'] else 'off'} | {r['jobs_per_s']:.1f} | "
+            f"| {r['hosts']} | {'on' if r['shared'] else 'off'} | {r['jobs']} | {r['jobs_per_s']:.1f} | "
             f"{r['limit_jobs_per_s']:.1f} | {r['ratio']:.0%} | {r['throttled']} | "
             f"{r['throttled_share']:.1%} | "
             f"{r['requests_per_job']:.2f} | {r['lost']} | {r['duplicates']} | {r['poison']} | "
@@ -343,13 +360,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1,500 jobs instead of 20,000")
     parser.add_argument("--jobs", type=int, default=None)
     parser.add_argument("--hosts", default=",".join(map(str, HOSTS)), help="comma-separated N")
-    parser.add_argument("--timeout", type=float, default=900, help="per run, seconds")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="per run, seconds (default: enough for 30 %% of the limit, at least 900)")
+    parser.add_argument("--throttle", choices=("both", "on", "off"), default="both",
+                        help="which runs per N: shared throttle on, off, or both side by side")
+    parser.add_argument("--no-ceiling", action="store_true", help="skip the no-limits run (machine ceiling)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     # SIGTERM (a timeout, an impatient operator) still stops the hosts and the stack (finally blocks).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     hosts = tuple(int(x) for x in args.hosts.split(",") if x.strip())
-    results = run(args.quick, hosts, args.jobs, args.timeout, not args.no_write)
+    modes = {"both": (True, False), "on": (True,), "off": (False,)}[args.throttle]
+    results = run(args.quick, hosts, args.jobs, args.timeout, not args.no_write,
+                  capacity=not args.no_ceiling, modes=modes)
     return 0 if all(r["lost"] == 0 and r["duplicates"] == 0 for r in results["runs"]) else 1
 
 

@@ -349,8 +349,9 @@ class DataverseClient:
             else:
                 self._note_dop_hint(response)
                 status = response.status_code
+                stated = _error_body(response) if status == 429 else (None, None)
                 self.throttle.observe(status, parse_retry_after(response.headers.get("Retry-After")),
-                                      self.dop_hint, _error_body(response)[0] if status == 429 else None)
+                                      self.dop_hint, *stated)
                 if 200 <= status < 300:
                     return response
                 if status == 401 and not refreshed_token:

@@ -13,14 +13,26 @@ refused request extends the penalty (Learn: "the duration will be extended").  S
   never waits for storage).  Before each send an instance waits until T has passed.
 * **Adaptive concurrency.**  Each instance's in-flight Dataverse requests take a slot of a local
   limiter (AIMD).  Its ceiling is ``x-ms-dop-hint`` (the service's recommended parallelism for the
-  environment) divided by the number of live instances (heartbeats in the same blob).  A 429 halves
+  environment) divided by the number of live instances (heartbeats: one small blob per instance,
+  written unconditionally and listed, so that heartbeats never contend with each other or with the
+  window).  A 429 halves
   the limit, once per throttling episode, on every instance (the episode counter ``cut`` in the
   blob); ``DATAVERSE_THROTTLE_GROW_AFTER`` successes in a row add one slot back, up to the ceiling.
-* **Pacing.**  Concurrency alone cannot hold many instances under a request budget (every live
-  instance keeps at least one request in flight).  After the first episode an instance spaces its
-  sends at the rate the service actually granted it over the last cycle (successes ÷ time since
-  the previous episode began, waits included), and grows that rate by 5 % per
-  ``DATAVERSE_THROTTLE_GROW_AFTER`` successes, so the deployment settles just under the budget.
+* **Pacing at the stated budget.**  Concurrency alone cannot hold many instances under a request
+  budget (every live instance keeps at least one request in flight).  A service-protection 429
+  states its limit ("Number of requests exceeded the limit of 6000 over time window of 300
+  seconds", "Combined execution time … exceeded limit of 1,200,000 milliseconds over time window
+  of 300 seconds"; Learn, Service protection API limit errors).  The instance that receives one
+  writes that budget into the blob; from then on every instance spaces its sends at
+  ``BUDGET_SHARE`` of the budget divided by the live instances (for execution time: by this
+  instance's mean request duration, so a 30 s bulk request costs its 30 s), each with a random
+  phase after a window so that instances resuming together do not send in step.  A 429 while
+  paced (other clients of the same application user, an instance count not yet seen) lowers
+  ``share`` for every instance; it recovers a step per window without one.  A budget older than
+  ``BUDGET_TTL_SECONDS`` is forgotten and learned again (limits can change).  A 429 whose message
+  states no budget falls back to the rate the service granted over the last cycle (successes ÷
+  time since the previous episode began), growing 5 % per ``DATAVERSE_THROTTLE_GROW_AFTER``
+  successes.
 * **Bounded waits.**  A wait (window or slot) never exceeds the budget the caller passes (what is
   left of ``DATAVERSE_MAX_RETRY_SECONDS``); beyond it the request fails as ``dataverse_throttled``
   (transient) WITHOUT being sent, and the queue redelivers the job later.  No message is held
@@ -31,8 +43,11 @@ refused request extends the penalty (Learn: "the duration will be extended").  S
 Blob (contract): container ``dataverse-throttle``, blob ``<dataverse host>/<client id>.json`` (one
 per Dataverse environment and application user: the unit service protection counts), JSON
 ``{"version": 1, "throttledUntil": <unix s>, "cut": <int>, "reason": <code>, "dopHint": <int>,
-"instances": {"<instance id>": {"seen": <unix s>, "limit": <int>}}}``.  Times are wall-clock
-Unix seconds: instances of one deployment share a clock to within NTP's precision.
+"budget": {"requests" | "executionMs": {"limit": <number>, "windowSeconds": <number>,
+"learnedAt": <unix s>}}, "joined": <instances announced>}``; heartbeats: empty blobs
+``<dataverse host>/<client id>/instances/<instance id>`` whose metadata ``seen`` is <unix s> (now, or
+the end of the window the instance is waiting out).
+Times are wall-clock Unix seconds: instances of one deployment share a clock to within NTP's precision.
 """
 
 from __future__ import annotations
@@ -41,6 +56,8 @@ import contextlib
 import json
 import logging
 import os
+import random
+import re
 import socket
 import threading
 import time
@@ -67,6 +84,51 @@ WRITE_ATTEMPTS = 5  # conditional-write conflicts tolerated before giving up on 
 DEFAULT_RETRY_AFTER = 1.0
 PACE_GROWTH = 1.05  # paced rate x this per ``grow_after`` successes in a row
 PACE_FLOOR = 0.2  # requests/s: pacing never goes below this per instance
+BUDGET_SHARE = 0.95  # of a stated budget the deployment uses (the rest absorbs jitter between instances)
+BUDGET_TTL_SECONDS = 3600.0  # a learned budget older than this is forgotten (limits can change)
+SHARE_CUT, SHARE_FLOOR, SHARE_STEP = 0.85, 0.3, 0.05  # share of the budget after a 429 while paced
+DURATION_EWMA = 0.2  # weight of the newest request in the mean duration (execution-time pacing)
+
+# Service-protection error codes (Learn, "Service protection API limit errors returned").
+CODE_REQUESTS, CODE_EXECUTION, CODE_CONCURRENCY = "0x80072322", "0x80072321", "0x80072326"
+BUDGET_KINDS = {CODE_REQUESTS: "requests", CODE_EXECUTION: "executionMs"}
+_STATED_LIMIT = re.compile(r"limit of ([\d,]+(?:\.\d+)?)(?: milliseconds)? over time window of "
+                           r"(\d+(?:\.\d+)?) seconds", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One budget a 429 stated: ``limit`` requests (or milliseconds of execution) per ``window`` seconds."""
+
+    limit: float
+    window: float
+    learned_at: float
+
+    def to_json(self) -> dict[str, float]:
+        return {"limit": self.limit, "windowSeconds": self.window, "learnedAt": round(self.learned_at, 3)}
+
+    @classmethod
+    def from_json(cls, value: object) -> Limit | None:
+        if not isinstance(value, dict):
+            return None
+        limit, window, at = (_number(value.get(k)) for k in ("limit", "windowSeconds", "learnedAt"))
+        return cls(limit, window, at) if limit > 0 and window > 0 else None
+
+
+def stated_limit(code: str | None, message: str | None, now: float) -> tuple[str, Limit] | None:
+    """(``requests`` | ``executionMs``, the budget) a service-protection 429 states, or None.
+
+    Only the two budget codes are read, and only a message in Learn's documented form: anything
+    else leaves the throttle on its measured fallback rather than on a guessed number.
+    """
+    kind = BUDGET_KINDS.get((code or "").lower())
+    match = _STATED_LIMIT.search(message or "") if kind else None
+    if kind is None or match is None:
+        return None
+    limit, window = float(match.group(1).replace(",", "")), float(match.group(2))
+    if limit <= 0 or window <= 0:
+        return None
+    return kind, Limit(limit, window, now)
 
 
 def blob_name(dataverse_url: str, client_id: str) -> str:
@@ -161,6 +223,15 @@ class StateStore(Protocol):
     def write(self, state: dict[str, Any], etag: str | None) -> str | None:
         """New etag, or None when someone else wrote first (``etag`` None: create only if absent)."""
 
+    def beat(self, instance_id: str, seen: float) -> None:
+        """Record that ``instance_id`` has work until at least ``seen`` (its own record: no contention)."""
+
+    def beats(self) -> dict[str, float]:
+        """Every recorded instance and its last ``seen``."""
+
+    def forget(self, instance_id: str) -> None:
+        """Remove a departed instance's record (best effort)."""
+
 
 class BlobStateStore:
     """The state as one JSON blob, read with If-None-Match and written with If-Match / If-None-Match: *."""
@@ -169,6 +240,8 @@ class BlobStateStore:
         self._blobs = blobs
         self._container = container
         self.name = name
+        # ``<host>/<client id>.json`` -> heartbeats under ``<host>/<client id>/instances/``
+        self.instances_prefix = f"{name.removesuffix('.json')}/instances/"
         self._container_ready = False
 
     def _client(self) -> Any:
@@ -217,12 +290,50 @@ class BlobStateStore:
             except (ResourceModifiedError, ResourceExistsError):
                 return None
             except ResourceNotFoundError:
-                if self._container_ready:
-                    raise
-                with contextlib.suppress(ResourceExistsError):
-                    self._blobs.container(self._container).create_container()
-                self._container_ready = True
+                self._create_container()
         return None
+
+    def _create_container(self) -> None:
+        from azure.core.exceptions import ResourceExistsError
+
+        if self._container_ready:
+            raise RuntimeError(f"container {self._container!r} vanished after it was created")
+        with contextlib.suppress(ResourceExistsError):
+            self._blobs.container(self._container).create_container()
+        self._container_ready = True
+
+    def beat(self, instance_id: str, seen: float) -> None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        blob = self._blobs.container(self._container).get_blob_client(self.instances_prefix + instance_id)
+        for _ in range(2):
+            try:
+                blob.upload_blob(b"", overwrite=True, metadata={"seen": f"{seen:.3f}"})
+                return
+            except ResourceNotFoundError:
+                self._create_container()
+
+    def beats(self) -> dict[str, float]:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        container = self._blobs.container(self._container)
+        try:
+            listed = list(container.list_blobs(name_starts_with=self.instances_prefix, include=["metadata"]))
+        except ResourceNotFoundError:
+            return {}
+        out: dict[str, float] = {}
+        for blob in listed:
+            try:
+                out[blob.name[len(self.instances_prefix):]] = float((blob.metadata or {}).get("seen", "0"))
+            except ValueError:
+                out[blob.name[len(self.instances_prefix):]] = 0.0
+        return out
+
+    def forget(self, instance_id: str) -> None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        with contextlib.suppress(ResourceNotFoundError):
+            self._blobs.container(self._container).delete_blob(self.instances_prefix + instance_id)
 
 
 # --- the deployment throttle -------------------------------------------------------------------------
@@ -264,6 +375,7 @@ class DeploymentThrottle:
         grow_after: int = 10,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
         self.store = store
         self.instance_id = instance_id or default_instance_id()
@@ -271,6 +383,7 @@ class DeploymentThrottle:
         self.heartbeat_seconds = max(0.1, heartbeat_seconds)
         self._clock = clock
         self._sleep = sleep
+        self._jitter = jitter
         self.limiter = AdaptiveLimiter(initial=1, ceiling=1, grow_after=grow_after, clock=clock)
         self.stats = ThrottleStats()
         self._lock = threading.Lock()  # guards the fields below
@@ -280,7 +393,9 @@ class DeploymentThrottle:
         self._etag: str | None = None
         self._state: dict[str, Any] = {}
         self._refreshed_at = float("-inf")
-        self._heartbeat_at = float("-inf")
+        self._heartbeat_due = float("-inf")
+        self._joined = False  # this instance has announced itself (``joined`` in the blob)
+        self._joins = 0  # the blob's ``joined`` counter last seen: a change means a newcomer to count
         self._degraded_until = float("-inf")
         self._degraded_logged = False
         self.dop_hint: int | None = None
@@ -294,6 +409,12 @@ class DeploymentThrottle:
         self._next_send = 0.0
         self._paced_streak = 0
         self._grow_after = max(1, grow_after)
+        # Budgets a 429 stated (here or, through the blob, on another instance), the share of them
+        # this deployment uses, and this instance's mean request duration (execution-time pacing).
+        self.budget: dict[str, Limit] = {}
+        self.share = 1.0
+        self._share_at = clock()
+        self.duration: float | None = None
 
     @property
     def shared(self) -> bool:
@@ -323,10 +444,15 @@ class DeploymentThrottle:
                 break
             # A window opened while this thread waited for its slot: never send into it.
             self.limiter.release()
+        sent_at = self._clock()
         try:
             yield
         finally:
             self.limiter.release()
+            took = max(0.0, self._clock() - sent_at)
+            with self._lock:
+                self.duration = took if self.duration is None else (
+                    (1 - DURATION_EWMA) * self.duration + DURATION_EWMA * took)
 
     def _refuse(self, wait: float, message: str, label: str) -> NoReturn:
         """Not sent: ``dataverse_throttled`` (transient), or the invocation's deadline error when the
@@ -353,8 +479,8 @@ class DeploymentThrottle:
             self._maybe_refresh()  # another instance may have extended the window meanwhile
 
     def observe(self, status: int, retry_after: float | None, dop_hint: int | None,
-                code: str | None = None) -> None:
-        """What Dataverse answered to one send: 429 (with its Retry-After), or anything else."""
+                code: str | None = None, message: str | None = None) -> None:
+        """What Dataverse answered to one send: a 429 (Retry-After, code, message), or anything else."""
         if dop_hint is not None and dop_hint > 0 and dop_hint != self.dop_hint:
             first = self.dop_hint is None
             self.dop_hint = dop_hint
@@ -374,18 +500,54 @@ class DeploymentThrottle:
         self.stats.throttled += 1
         now = self._clock()
         until = now + (retry_after if retry_after is not None else DEFAULT_RETRY_AFTER)
+        stated = stated_limit(code, message, now)
         with self._lock:
             new_episode = now >= self.until
             self.until = max(self.until, until)
         if new_episode:
-            self._new_episode(now)
+            self._new_episode(now, code, stated is not None and stated[0] not in self._known_budget(now))
             self.limiter.throttled()
             self._record(f"429 {code or ''}: halve to {self.limiter.limit}, until +{until - now:.1f}s")
+        if stated is not None:
+            self._learn(*stated)
+        self._rephase()
         if self.store is not None:
+            self._heartbeat_due = now  # present through the window (see _heartbeat)
             self._publish(until, code, new_episode)
 
-    def _new_episode(self, now: float) -> None:
-        """Pace at what the service granted since the last episode began (waits included)."""
+    def _learn(self, kind: str, limit: Limit) -> None:
+        with self._lock:
+            known = self.budget.get(kind)
+            if known is None or limit.learned_at > known.learned_at:
+                self.budget[kind] = limit
+        if known is None or (known.limit, known.window) != (limit.limit, limit.window):
+            logger.info("Dataverse states a %s budget of %g per %g s for this application user: pacing the "
+                        "deployment at %.0f%% of it", kind, limit.limit, limit.window, BUDGET_SHARE * 100)
+
+    def _rephase(self) -> None:
+        """Restart the pace after the window at a random phase, so instances do not resume in step.
+
+        Never earlier than sends already reserved: threads sleeping on those would send as well.
+        """
+        interval = self._interval(self._clock())
+        with self._lock:
+            if interval is not None and self.until > self._clock():
+                self._next_send = max(self._next_send, self.until + self._jitter() * interval)
+
+    def _new_episode(self, now: float, code: str | None, learning: bool) -> None:
+        """A throttling episode began (here or elsewhere): use less of a known budget, else pace at
+        what the service granted since the last episode began (waits included).
+
+        ``learning``: the episode states a budget not known before; pacing at it is the answer.
+        """
+        if code == CODE_CONCURRENCY or learning:
+            return  # a concurrency 429: too many in flight, not too many sent (the limiter halves)
+        if self._known_budget(now):
+            with self._lock:
+                self.share = max(SHARE_FLOOR, self.share * SHARE_CUT)
+                self._share_at = now
+            self._record(f"429 while paced at the stated budget: share {self.share:.2f}")
+            return
         with self._lock:
             span = now - (self._episode_at if self._episode_at is not None else now)
             granted, self._granted, self._episode_at = self._granted, 0, now
@@ -399,19 +561,56 @@ class DeploymentThrottle:
             logger.info("Dataverse throttling episode: %d requests granted in %.1f s; pacing at %.2f "
                         "requests/s", granted, span, rate)
 
+    def _known_budget(self, now: float) -> dict[str, Limit]:
+        """The stated budgets still believed (younger than ``BUDGET_TTL_SECONDS``), as a copy."""
+        with self._lock:
+            stale = [k for k, v in self.budget.items() if now - v.learned_at > BUDGET_TTL_SECONDS]
+            for kind in stale:
+                del self.budget[kind]
+            if stale and not self.budget:
+                self.rate, self.share = None, 1.0  # start afresh: unpaced until a 429 states it again
+            return dict(self.budget)
+
+    def _interval(self, now: float) -> float | None:
+        """Seconds between this instance's sends, or None (not paced: no budget and no episode yet)."""
+        budget = self._known_budget(now)
+        if not budget:
+            return 1.0 / self.rate if self.rate else None
+        window = min(v.window for v in budget.values())
+        with self._lock:
+            steps = int((now - self._share_at) // window)
+            if steps > 0 and self.share < 1.0:
+                self.share = min(1.0, self.share + SHARE_STEP * steps)
+                self._share_at = now
+            elif self.share >= 1.0:
+                self._share_at = now
+            portion = BUDGET_SHARE * self.share / max(1, self.active_instances)
+            duration = self.duration
+        interval = 0.0
+        requests = budget.get("requests")
+        if requests is not None:
+            interval = 1.0 / max(PACE_FLOOR, portion * requests.limit / requests.window)
+        execution = budget.get("executionMs")
+        if execution is not None and duration is not None:
+            ms_per_second = portion * execution.limit / execution.window
+            interval = max(interval, duration * 1000.0 / ms_per_second)
+        return interval
+
     def _pace(self, started: float, budget: float, label: str) -> None:
-        """Space this instance's sends at ``rate`` (a reservation per send; bounded by ``budget``)."""
-        if self.rate is None:
+        """Space this instance's sends at its interval (a reservation per send; bounded by ``budget``)."""
+        now = self._clock()
+        interval = self._interval(now)
+        if interval is None:
             return
         with self._lock:
-            now = self._clock()
             at = max(now, self._next_send)
             wait = at - now
             if (now - started) + wait > budget:
-                self._refuse(wait, f"{label}: paced at {self.rate:.2f} requests/s after throttling, the "
-                             f"next send slot is {wait:.1f} s away, beyond this request's wait budget; "
-                             "not sent", label)
-            self._next_send = at + 1.0 / (self.rate or 1.0)
+                rate = 1 / interval if interval else 0.0
+                self._refuse(wait, f"{label}: paced at {rate:.2f} requests/s to stay inside Dataverse's "
+                             f"budget, the next send slot is {wait:.1f} s away, beyond this request's "
+                             "wait budget; not sent", label)
+            self._next_send = at + interval
         if wait > 0:
             self._sleep(wait)
 
@@ -449,8 +648,8 @@ class DeploymentThrottle:
             if self._clock() - self._refreshed_at < self.refresh_seconds:
                 return
             self._read()
-            if self._clock() - self._heartbeat_at >= self.heartbeat_seconds:
-                self._update(lambda state, now: None)  # heartbeat: _update writes our entry
+            if self._clock() >= self._heartbeat_due:
+                self._heartbeat()
         except Exception as exc:  # any storage failure: degrade, never fail the write
             self._storage_failed(exc)
         finally:
@@ -481,27 +680,63 @@ class DeploymentThrottle:
             self._cut = max(self._cut, cut)
         if learned:
             self.stats.learned += 1
+        budget = state.get("budget")
+        budget = budget if isinstance(budget, dict) else {}
+        stated = {kind: limit for kind in BUDGET_KINDS.values()
+                  if (limit := Limit.from_json(budget.get(kind))) is not None
+                  and now - limit.learned_at <= BUDGET_TTL_SECONDS}
         if newer_cut and learned:
             # Another instance opened a throttling episode: back off here too, once.
-            self._new_episode(now)
+            reason = state.get("reason")
+            self._new_episode(now, reason if isinstance(reason, str) else None,
+                              learning=bool(stated.keys() - self._known_budget(now).keys()))
             self.limiter.throttled()
             self._record(f"learned window until +{until - now:.1f}s: halve to {self.limiter.limit}")
+        for kind, limit in stated.items():
+            self._learn(kind, limit)
+        if learned:
+            self._rephase()
+            self._heartbeat_due = now  # present through the window (see _heartbeat)
         hint = state.get("dopHint")
         if self.dop_hint is None and isinstance(hint, int) and hint > 0:
             self.dop_hint = hint
-            first = True
-        else:
-            first = False
-        instances = state.get("instances")
-        live = 0
-        if isinstance(instances, dict):
-            horizon = now - STALE_HEARTBEATS * self.heartbeat_seconds
-            live = sum(1 for k, v in instances.items()
-                       if k != self.instance_id and isinstance(v, dict) and _number(v.get("seen")) >= horizon)
-        active = live + 1
-        if active != self.active_instances or first:
+            self.limiter.set_ceiling(self._ceiling(), jump=True)
+        joins = int(_number(state.get("joined")))
+        if joins != self._joins:
+            self._joins = joins
+            self._heartbeat_due = now  # a newcomer: count again at once, not a heartbeat later
+
+    def _heartbeat(self) -> None:
+        """Beat (this instance's own blob) and count the live instances that share the budget."""
+        assert self.store is not None
+        now = self._clock()
+        # An instance waiting out a window still has work: it declares itself present through the
+        # window, else the others would count it gone and each take a larger share when all resume.
+        self.store.beat(self.instance_id, max(now, self.until))
+        if not self._joined:
+            # Announce this instance once, in the blob every instance re-reads each refresh period,
+            # so that the others count it now (listing heartbeats is a heavier call, made per period).
+            def join(state: dict[str, Any], _: float) -> None:
+                state["joined"] = int(_number(state.get("joined"))) + 1
+                self._joins = state["joined"]
+            self._update(join)
+            self._joined = True
+        beats = self.store.beats()
+        self.stats.writes += 1
+        # jittered: instances started together must not all list in the same instant
+        self._heartbeat_due = now + self.heartbeat_seconds * (0.5 + 0.5 * self._jitter())
+        horizon = now - STALE_HEARTBEATS * self.heartbeat_seconds
+        forget = now - FORGET_HEARTBEATS * self.heartbeat_seconds
+        for instance, seen in beats.items():
+            if seen < forget and instance != self.instance_id:
+                self.store.forget(instance)
+        active = 1 + sum(1 for k, seen in beats.items() if k != self.instance_id and seen >= horizon)
+        if active != self.active_instances:
+            if self.budget:
+                logger.info("shared Dataverse throttle: %d live instances share the budget (was %d)",
+                            active, self.active_instances)
             self.active_instances = active
-            self.limiter.set_ceiling(self._ceiling(), jump=first)
+            self.limiter.set_ceiling(self._ceiling())
 
     def _publish(self, until: float, code: str | None, new_episode: bool) -> None:
         """Extend the shared window to ``until`` (never shorten it); a new episode bumps ``cut``."""
@@ -519,31 +754,37 @@ class DeploymentThrottle:
                     state["reason"] = code
             try:
                 self._update(extend)
+                if self._clock() >= self._heartbeat_due:
+                    self._heartbeat()
             except Exception as exc:
                 self._storage_failed(exc)
 
     def _update(self, mutate: Callable[[dict[str, Any], float], None]) -> None:
         """Read-modify-write with the ETag; on a lost race, re-read and apply again."""
         assert self.store is not None
-        for _ in range(WRITE_ATTEMPTS):
+        for attempt in range(WRITE_ATTEMPTS):
+            if attempt:
+                time.sleep(0.02 * attempt * self._jitter())  # lost a race: do not rejoin it in step
             now = self._clock()
-            state = json.loads(json.dumps(self._state)) if self._state else {}
+            before = self._state
+            state = json.loads(json.dumps(before)) if before else {}
             state["version"] = STATE_VERSION
             mutate(state, now)
             if self.dop_hint:
                 state["dopHint"] = self.dop_hint
-            instances = state.get("instances")
-            if not isinstance(instances, dict):
-                instances = state["instances"] = {}
-            forget = now - FORGET_HEARTBEATS * self.heartbeat_seconds
-            for key in [k for k, v in instances.items() if not isinstance(v, dict)
-                        or _number(v.get("seen")) < forget]:
-                del instances[key]
-            instances[self.instance_id] = {"seen": round(now, 3), "limit": self.limiter.limit}
+            stored: dict[str, Any] = state["budget"] if isinstance(state.get("budget"), dict) else {}
+            for kind, limit in self._known_budget(now).items():
+                other = Limit.from_json(stored.get(kind))
+                if other is None or other.learned_at < limit.learned_at:
+                    stored[kind] = limit.to_json()
+            if stored:
+                state["budget"] = stored
+            state.pop("instances", None)  # heartbeats have their own blobs (an older layout kept them here)
+            if state == before and self._etag is not None:
+                return  # the blob already says it (another instance published the same window)
             etag = self.store.write(state, self._etag)
             if etag is not None:
                 self.stats.writes += 1
-                self._heartbeat_at = now
                 self._storage_ok()
                 self._apply(state, etag)
                 return
@@ -573,5 +814,5 @@ class NoThrottle:
         yield
 
     def observe(self, status: int, retry_after: float | None, dop_hint: int | None,
-                code: str | None = None) -> None:
+                code: str | None = None, message: str | None = None) -> None:
         return None

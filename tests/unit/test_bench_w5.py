@@ -8,16 +8,22 @@ from typing import Any
 from bench import multihost
 
 
-def run(hosts: int, shared: bool, rate: float, ratio: float, share: float, lost: int = 0) -> dict[str, Any]:
+def run(hosts: int, shared: bool, rate: float, ratio: float, share: float, lost: int = 0,
+        poison: int = 0) -> dict[str, Any]:
     return {"hosts": hosts, "shared": shared, "jobs_per_s": rate, "ratio": ratio, "throttled_share": share,
-            "lost": lost, "duplicates": 0}
+            "lost": lost, "duplicates": 0, "poison": poison, "dead_letter": 0}
 
 
 def test_targets_judge_the_largest_n_with_the_shared_throttle_and_losses_everywhere() -> None:
     runs = [run(1, True, 20, 0.9, 0.01), run(16, True, 21, 0.88, 0.015), run(16, False, 5, 0.2, 0.3, lost=7)]
     verdicts = {name: met for name, _, _, met in multihost.targets(runs)}
     assert verdicts == {"W5 N=16 throughput": True, "W5 N=16 429s": True, "W5 throughput vs N": True,
-                        "W5 lost / duplicates": False}
+                        "W5 throttle on: jobs poisoned or dead-lettered": True, "W5 lost / duplicates": False}
+    # a job the throttle-on runs parked in the poison queue is not lost, but it is not a pass either
+    parked = [run(16, True, 21, 0.88, 0.015, poison=2), run(16, False, 5, 0.2, 0.3, poison=900)]
+    verdicts = {name: met for name, _, _, met in multihost.targets(parked)}
+    assert verdicts["W5 throttle on: jobs poisoned or dead-lettered"] is False
+    assert verdicts["W5 lost / duplicates"] is True
     falling = [run(1, True, 20, 0.9, 0.0), run(4, True, 15, 0.7, 0.0)]
     assert {n: m for n, _, _, m in multihost.targets(falling)}["W5 throughput vs N"] is False
 

@@ -10,7 +10,16 @@ from typing import Any
 import pytest
 
 from shared.errors import DataverseError
-from shared.throttle import NOT_MODIFIED, AdaptiveLimiter, DeploymentThrottle, blob_name
+from shared.throttle import (
+    BUDGET_SHARE,
+    BUDGET_TTL_SECONDS,
+    NOT_MODIFIED,
+    AdaptiveLimiter,
+    DeploymentThrottle,
+    Limit,
+    blob_name,
+    stated_limit,
+)
 
 
 class Clock:
@@ -35,6 +44,7 @@ class MemoryStore:
         self.reads = self.not_modified = self.writes = 0
         self.fail = False
         self.lock = threading.Lock()
+        self.heartbeats: dict[str, float] = {}
 
     def read(self, etag: str | None) -> Any:
         if self.fail:
@@ -59,12 +69,29 @@ class MemoryStore:
             self.data = json.dumps(state).encode()
             return str(self.version)
 
+    def beat(self, instance_id: str, seen: float) -> None:
+        if self.fail:
+            raise ConnectionError("storage down")
+        with self.lock:
+            self.heartbeats[instance_id] = seen
+
+    def beats(self) -> dict[str, float]:
+        if self.fail:
+            raise ConnectionError("storage down")
+        with self.lock:
+            return dict(self.heartbeats)
+
+    def forget(self, instance_id: str) -> None:
+        with self.lock:
+            self.heartbeats.pop(instance_id, None)
+
     @property
     def state(self) -> dict[str, Any]:
         return json.loads(self.data or b"{}")
 
 
 def throttle(store: MemoryStore | None, clock: Clock, name: str, **kwargs: Any) -> DeploymentThrottle:
+    kwargs.setdefault("jitter", lambda: 0.0)
     return DeploymentThrottle(store, instance_id=name, clock=clock, sleep=clock.sleep, **kwargs)
 
 
@@ -141,6 +168,7 @@ def test_one_429_holds_back_the_other_instance_until_the_window_is_over() -> Non
 
 def test_the_state_is_reread_at_most_once_per_period_and_conditionally() -> None:
     clock, store = Clock(), MemoryStore()
+    store.write({"version": 1}, None)  # another instance published a window once
     a = throttle(store, clock, "a", refresh_seconds=1, heartbeat_seconds=100)
     for _ in range(50):
         with a.slot(10):
@@ -176,11 +204,13 @@ def test_a_window_beyond_the_budget_fails_transient_without_sending() -> None:
 
 def test_an_episode_halves_every_instance_once_and_the_dop_hint_is_split_among_live_instances() -> None:
     clock, store = Clock(), MemoryStore()
-    a, b = throttle(store, clock, "a", refresh_seconds=0), throttle(store, clock, "b", refresh_seconds=0)
+    a = throttle(store, clock, "a", refresh_seconds=0, heartbeat_seconds=1)
+    b = throttle(store, clock, "b", refresh_seconds=0, heartbeat_seconds=1)
     for t in (a, b):
         with t.slot(10):
             t.observe(200, None, 16)
-    with a.slot(10):  # a re-reads: b's heartbeat is there now
+    clock.now += 1
+    with a.slot(10):  # a beats again and counts: b's heartbeat is there now
         pass
     assert a.active_instances == 2 and b.active_instances == 2
     assert a.limiter.limit == 8 and b.limiter.limit == 8
@@ -209,7 +239,7 @@ def test_storage_down_degrades_to_per_instance_and_logs_once(caplog: pytest.LogC
     clock.now += 31
     with a.slot(60):
         pass
-    assert a.shared and store.writes >= 1
+    assert a.shared and "a" in store.heartbeats
 
 
 def test_concurrent_conditional_writes_lose_no_update() -> None:
@@ -221,7 +251,26 @@ def test_concurrent_conditional_writes_lose_no_update() -> None:
     for thread in threads:
         thread.join()
     assert store.state["throttledUntil"] == pytest.approx(clock.now + 17.0)
-    assert set(store.state["instances"]) == {f"i{n}" for n in range(8)}
+    assert store.state["cut"] == 1  # eight 429s at once: one episode
+
+
+def test_heartbeats_count_live_instances_and_forget_departed_ones() -> None:
+    clock, store = Clock(), MemoryStore()
+    a = throttle(store, clock, "a", refresh_seconds=0, heartbeat_seconds=1)
+    store.heartbeats.update({"b": clock.now, "c": clock.now - 2.5, "gone": clock.now - 60.0})
+    with a.slot(10):
+        a.observe(200, None, 16)
+    # b and c beat within three periods; "gone" did not beat for twenty: its blob is removed
+    assert a.active_instances == 3 and a.limiter.ceiling == 16 // 3
+    assert set(store.heartbeats) == {"a", "b", "c"}
+    # heartbeats never write the window's blob; joining once does, so the others count it at once
+    assert store.state == {"version": 1, "joined": 1}
+    d = throttle(store, clock, "d", refresh_seconds=0, heartbeat_seconds=1)
+    with d.slot(10):
+        pass
+    with a.slot(10):  # a's next heartbeat is a period away, but it read "joined" and counted again
+        pass
+    assert store.state["joined"] == 2 and a.active_instances == 4
 
 
 def test_after_an_episode_sends_are_paced_at_the_rate_the_service_granted() -> None:
@@ -281,3 +330,134 @@ def test_a_window_past_the_jobs_deadline_fails_as_the_deadline_not_as_throttling
     with pytest.raises(DataverseError) as plain, b.slot(10):  # no deadline: the retry budget refuses
         pass
     assert plain.value.code == "dataverse_throttled"
+
+
+# --- pacing at the budget a 429 states ------------------------------------------------------------
+
+REQUESTS_429 = ("0x80072322",
+                "Number of requests exceeded the limit of 6000 over time window of 300 seconds.")
+EXECUTION_429 = ("0x80072321", "Combined execution time of incoming requests exceeded limit of 1,200,000 "
+                 "milliseconds over time window of 300 seconds. Decrease number of concurrent requests or "
+                 "reduce the duration of requests and try again later.")
+
+
+def test_the_budget_is_read_from_learns_documented_messages_and_nothing_else() -> None:
+    assert stated_limit(*REQUESTS_429, 5.0) == ("requests", Limit(6000, 300, 5.0))
+    assert stated_limit(*EXECUTION_429, 5.0) == ("executionMs", Limit(1_200_000, 300, 5.0))
+    assert stated_limit("0x80072322", "Number of requests exceeded the limit of 125 over time window of 2.5 "
+                        "seconds.", 0) == ("requests", Limit(125, 2.5, 0))
+    # the concurrency limit is no rate; an unknown code or an unparsable message states nothing
+    assert stated_limit("0x80072326", "Number of concurrent requests exceeded the limit of 52.", 0) is None
+    assert stated_limit("0x80040216", REQUESTS_429[1], 0) is None
+    assert stated_limit("0x80072322", "Too many requests.", 0) is None
+    assert stated_limit(None, None, 0) is None
+
+
+def test_a_stated_budget_is_shared_and_every_instance_paces_at_its_part_of_it() -> None:
+    clock, store = Clock(), MemoryStore()
+    a = throttle(store, clock, "a", refresh_seconds=0, heartbeat_seconds=10)
+    b = throttle(store, clock, "b", refresh_seconds=0, heartbeat_seconds=10)
+    for t in (a, b):  # both heartbeat: two live instances
+        with t.slot(60):
+            t.observe(204, None, 8)
+    with a.slot(60):
+        a.observe(429, 2.0, 8, *REQUESTS_429)
+    assert store.state["budget"]["requests"] == {"limit": 6000, "windowSeconds": 300,
+                                                 "learnedAt": pytest.approx(clock.now)}
+    clock.slept.clear()
+    for _ in range(3):
+        with b.slot(60):  # b never got a 429: it learns the budget (and the window) from the blob
+            b.observe(204, None, 8)
+    interval = 2 / (BUDGET_SHARE * 6000 / 300)  # half of 95 % of 20 requests/s each
+    assert b.budget["requests"].limit == 6000
+    assert clock.slept == [pytest.approx(2.0), pytest.approx(interval), pytest.approx(interval)]
+
+
+def test_execution_time_pacing_charges_each_send_its_duration() -> None:
+    clock, store = Clock(), MemoryStore()
+    a = throttle(store, clock, "a", refresh_seconds=100)
+    a.observe(429, 1.0, 8, "0x80072321", "Combined execution time of incoming requests exceeded limit of "
+              "2,000 milliseconds over time window of 10 seconds.")
+    clock.now += 1.0
+    clock.slept.clear()
+    for _ in range(5):  # each send takes 2 s (a bulk request)
+        with a.slot(600):
+            clock.now += 2.0
+            a.observe(204, None, 8)
+    # 95 % of 200 ms of execution per second: a 2 s request every 2000 / 190 s; the first send had
+    # no duration to charge yet, the second is due when the first ends
+    spacing = 2000 / (BUDGET_SHARE * 200)
+    assert a.duration == pytest.approx(2.0)
+    assert clock.slept == [pytest.approx(spacing - 2.0)] * 3
+    a.duration = 10.0  # requests got slower: the pace slows with them
+    assert a._interval(clock.now) == pytest.approx(10_000 / (BUDGET_SHARE * 200))
+
+
+def test_a_429_while_paced_uses_less_of_the_budget_then_recovers_window_by_window() -> None:
+    clock, store = Clock(), MemoryStore()
+    a = throttle(store, clock, "a", refresh_seconds=100)
+    a.observe(429, 1.0, 8, *REQUESTS_429)  # learns the budget: no cut for the first episode
+    assert a.share == 1.0
+    clock.now += 2.0
+    a.observe(429, 1.0, 8, *REQUESTS_429)  # paced and still throttled: share cut
+    assert a.share == pytest.approx(0.85)
+    assert a._interval(clock.now) == pytest.approx(1 / (0.85 * BUDGET_SHARE * 20))
+    clock.now += 299.0  # not yet a whole window without a 429
+    a._interval(clock.now)
+    assert a.share == pytest.approx(0.85)
+    clock.now += 1.0
+    a._interval(clock.now)
+    assert a.share == pytest.approx(0.90)
+    clock.now += 3 * 300.0
+    assert a._interval(clock.now) == pytest.approx(1 / (BUDGET_SHARE * 20))
+    assert a.share == 1.0
+
+
+def test_a_concurrency_429_halves_the_slots_but_sets_no_pace() -> None:
+    clock = Clock()
+    a = throttle(None, clock, "a")
+    a.observe(204, None, 8)
+    a.observe(429, 1.0, 8, "0x80072326", "Number of concurrent requests exceeded the limit of 52.")
+    assert a.limiter.limit == 4 and a.rate is None and a._interval(clock.now) is None
+
+
+def test_instances_resume_after_a_window_at_different_phases() -> None:
+    clock, store = Clock(), MemoryStore()
+    phase = [0.1]
+    a = throttle(store, clock, "a", refresh_seconds=0, jitter=lambda: phase[0])
+    a.observe(429, 3.0, 8, *REQUESTS_429)
+    first = a._next_send
+    assert first == pytest.approx(clock.now + 3.0 + 0.1 * a._interval(clock.now))
+    phase[0] = 0.7
+    a.observe(429, 3.0, 8, *REQUESTS_429)
+    assert a._next_send == pytest.approx(clock.now + 3.0 + 0.7 * a._interval(clock.now))
+
+
+def test_a_budget_is_forgotten_after_its_ttl_and_then_learned_again() -> None:
+    clock, store = Clock(), MemoryStore()
+    a = throttle(store, clock, "a", refresh_seconds=0)
+    a.observe(429, 1.0, 8, *REQUESTS_429)
+    assert a._interval(clock.now) is not None
+    clock.now += BUDGET_TTL_SECONDS + 1
+    assert a._interval(clock.now) is None and a.budget == {}
+    b = throttle(store, clock, "b", refresh_seconds=0)
+    with b.slot(60):  # the blob still holds the old budget: a newcomer does not adopt it
+        b.observe(204, None, 8)
+    assert b.budget == {}
+
+
+def test_an_instance_waiting_out_a_window_still_counts_so_no_one_takes_its_share() -> None:
+    clock, store = Clock(), MemoryStore()
+    a = throttle(store, clock, "a", refresh_seconds=0, heartbeat_seconds=1)
+    b = throttle(store, clock, "b", refresh_seconds=0, heartbeat_seconds=1)
+    for t in (a, b):
+        with t.slot(60):
+            t.observe(204, None, 16)
+    a.observe(429, 10.0, 16, *REQUESTS_429)  # a beats at once: present until the window ends
+    assert store.heartbeats["a"] == pytest.approx(clock.now + 10.0)
+    clock.now += 6.0  # six periods without a beat from a (its threads sleep through the window)
+    b._heartbeat()
+    assert b.active_instances == 2
+    clock.now += 10.0  # the window is over and a still says nothing: gone
+    b._heartbeat()
+    assert b.active_instances == 1
