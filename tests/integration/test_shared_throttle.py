@@ -8,6 +8,7 @@ Assertions are on the emulator's counters and the throttles' own records, never 
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ from devstack.control import SandboxClient, Stack
 from shared.errors import DataverseError
 from shared.runtime import Runtime
 from shared.settings import Settings
-from shared.throttle import CONTAINER, DeploymentThrottle, blob_name
+from shared.throttle import BUDGET_SHARE, CONTAINER, DeploymentThrottle, blob_name
 
 pytestmark = pytest.mark.integration
 
@@ -77,6 +78,10 @@ def test_after_one_429_the_other_instance_sends_nothing_into_the_window(
     assert throttle_of(b).stats.learned == 1 and throttle_of(b).stats.waits >= 1
     assert throttle_of(b).stats.throttled == 0
     assert "halve" in [why for _, why, _ in throttle_of(b).limiter.history]  # b backed off too
+    # The 429 stated the budget (3 requests per 2 s); b, which never got one, paces at its half of it.
+    stated = throttle_of(b).budget["requests"]
+    assert (stated.limit, stated.window) == (3, 2) and throttle_of(b).active_instances == 2
+    assert throttle_of(b)._interval(time.time()) == pytest.approx(2 / (BUDGET_SHARE * 3 / 2))
 
     from azure.storage.blob import BlobServiceClient
 
@@ -84,6 +89,8 @@ def test_after_one_429_the_other_instance_sends_nothing_into_the_window(
         CONTAINER, blob_name(a_settings.dataverse_url, a_settings.client_id))
     state = json.loads(blob.download_blob().readall())
     assert state["cut"] == 1 and state["reason"] == "0x80072322"
+    assert {k: state["budget"]["requests"][k] for k in ("limit", "windowSeconds")} == {
+        "limit": 3, "windowSeconds": 2}
     assert "instances" not in state  # heartbeats live in their own blobs, beside it
     container = BlobServiceClient.from_connection_string(
         stack.azurite["connection_string"]).get_container_client(CONTAINER)
