@@ -44,14 +44,15 @@ CONCURRENT = 52
 DOP_HINT = 16
 LATENCY = 0.05
 # The throttle's own time constants, scaled with the window (300 s -> 5 s is 60x; the blob refresh
-# 1 s -> 0.1 s is only 10x, to keep 16 hosts' reads off Azurite's CPU; growth: 5 % per 2 successes
-# instead of per 10 doubles the paced rate in about one window, as the default does at 300 s).
-REFRESH_SECONDS = 0.1
+# 1 s -> 0.25 s only 4x: 16 hosts at 0.1 s sent Azurite's one node thread 160 reads/s on top of the
+# queue, and it stalled for a minute; heartbeats 15 s -> 1 s; fallback growth: 5 % per 2 successes
+# instead of per 10 doubles a measured pace in about one window, as the default does at 300 s).
+REFRESH_SECONDS = 0.25
 HEARTBEAT_SECONDS = 1.0
 GROW_AFTER = 2
 HOSTS = (1, 4, 16)
 FULL_JOBS, QUICK_JOBS, CONTROL_JOBS = 20_000, 1_500, 1_500
-BACKLOG = 2_000  # messages kept in the queue ahead of the hosts (see Feeder)
+BACKLOG = 1_000  # messages kept in the queue ahead of the hosts (see Feeder)
 CONTROL_TIMEOUT = 300.0
 TARGET_RATIO, TARGET_429 = 0.85, 0.02
 RESULTS = ROOT / "bench" / "results"
@@ -120,6 +121,18 @@ class Feeder(threading.Thread):
                 self.fed.set()
         except BaseException as exc:  # reported by the run, which then gives up
             self.error = exc
+
+
+def commit() -> str:
+    """The commit measured (``+dirty`` when the tree has changes)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head}+dirty" if dirty else head
 
 
 def queue_length(connection: str, name: str) -> int:
@@ -263,10 +276,14 @@ def one_run(stack: StackProcess, n: int, shared: bool, jobs: int, timeout: float
 
 def run(quick: bool, hosts: tuple[int, ...] = HOSTS, jobs: int | None = None, timeout: float | None = None,
         write: bool = True, log_dir: Path | None = None, capacity: bool = True,
-        modes: tuple[bool, ...] = (True, False)) -> dict[str, Any]:
+        modes: tuple[bool, ...] = (True, False), merge: bool = False) -> dict[str, Any]:
     """The throttle-on runs get the full queue; the controls (off, and the machine's ceiling) get
     ``CONTROL_JOBS``: with the throttle off, 16 hosts would spend hours refusing each other, and the
-    ceiling needs no more to show whether this machine could reach the limit at all."""
+    ceiling needs no more to show whether this machine could reach the limit at all.
+
+    ``merge``: re-measure some runs only; the results keep the other runs of the last written file
+    (each run says when it was measured and at which commit).
+    """
     jobs = jobs or (QUICK_JOBS if quick else FULL_JOBS)
     control = min(jobs, CONTROL_JOBS)
     log_dir = log_dir or Path(tempfile.gettempdir()) / "bench-logs"
@@ -288,11 +305,19 @@ def run(quick: bool, hosts: tuple[int, ...] = HOSTS, jobs: int | None = None, ti
             except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                 log(f"  not measured: {exc}")
                 continue
+            result["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+            result["commit"] = commit()
             runs.append(result)
             log(f"  {result['jobs_per_s']:.1f} jobs/s ({result['ratio']:.0%} of the limit), "
                 f"{result['throttled']} 429s ({result['throttled_share']:.1%}), "
                 f"{result['requests_per_job']:.2f} requests/job, lost {result['lost']}, "
                 f"duplicates {result['duplicates']}, hosts' CPU {result['children_cpu_s']} s")
+    latest = RESULTS / "w5-latest.json"
+    if merge and latest.is_file():
+        kept = [r for r in json.loads(latest.read_text(encoding="utf-8"))["runs"]
+                if (r["hosts"], r["shared"], r.get("limited", True))
+                not in {(r2["hosts"], r2["shared"], r2.get("limited", True)) for r2 in runs}]
+        runs = sorted(kept + runs, key=lambda r: (not r.get("limited", True), r["hosts"], not r["shared"]))
     results = {
         "quick": quick, "finished_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "jobs": jobs, "control_jobs": control,
@@ -358,8 +383,8 @@ def render(results: dict[str, Any]) -> str:
         "floor((R - 1) ÷ per window) windows + one round trip; *vs limit* = that ÷ the time taken.",
         "",
         "| hosts | shared throttle | jobs | jobs/s | limit jobs/s | vs limit | 429s | 429 share | "
-        "requests/job | lost | duplicates | poison | hosts' CPU s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "requests/job | lost | duplicates | poison | hosts' CPU s | measured (commit) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["runs"]:
         if not r.get("limited", True):
@@ -367,20 +392,25 @@ def render(results: dict[str, Any]) -> str:
                 f"| {r['hosts']} | on, **no limits** (machine ceiling) | {r['jobs']} | {r['jobs_per_s']:.1f} "
                 "| — | — | "
                 f"{r['throttled']} | — | {r['requests_per_job']:.2f} | {r['lost']} | {r['duplicates']} | "
-                f"{r['poison']} | {r['children_cpu_s']} |")
+                f"{r['poison']} | {r['children_cpu_s']} | {provenance(r)} |")
             continue
         lines.append(
             f"| {r['hosts']} | {'on' if r['shared'] else 'off'} | {r['jobs']} | {r['jobs_per_s']:.1f} | "
             f"{r['limit_jobs_per_s']:.1f} | {r['ratio']:.0%} | {r['throttled']} | "
             f"{r['throttled_share']:.1%} | "
             f"{r['requests_per_job']:.2f} | {r['lost']} | {r['duplicates']} | {r['poison']} | "
-            f"{r['children_cpu_s']} |"
-            + (f" gave up after {r['wall_s']:.0f} s, {r['unfinished']} still queued" if r["gave_up"] else ""))
+            f"{r['children_cpu_s']} | {provenance(r)}"
+            + (f"; gave up after {r['wall_s']:.0f} s, {r['unfinished']} still queued" if r["gave_up"] else "")
+            + " |")
     lines += ["", "| target | wanted | measured | met |", "|---|---|---|---|"]
     for name, wanted, measured, met in targets(results["runs"]):
         verdict = "yes" if met else "NO" if met is False else "—"
         lines.append(f"| {name} | {wanted} | {measured} | {verdict} |")
     return "\n".join(lines)
+
+
+def provenance(run: dict[str, Any]) -> str:
+    return f"{run.get('measured_at', '—')} ({run.get('commit', '?')})"
 
 
 def replace_between(path: Path, section: str) -> bool:
@@ -406,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throttle", choices=("both", "on", "off"), default="both",
                         help="which runs per N: shared throttle on, off, or both side by side")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the no-limits run (machine ceiling)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other runs of bench/results/w5-latest.json (re-measure a subset)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     # SIGTERM (a timeout, an impatient operator) still stops the hosts and the stack (finally blocks).
@@ -413,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     hosts = tuple(int(x) for x in args.hosts.split(",") if x.strip())
     modes = {"both": (True, False), "on": (True,), "off": (False,)}[args.throttle]
     results = run(args.quick, hosts, args.jobs, args.timeout, not args.no_write,
-                  capacity=not args.no_ceiling, modes=modes)
+                  capacity=not args.no_ceiling, modes=modes, merge=args.merge)
     return 0 if all(r["lost"] == 0 and r["duplicates"] == 0 for r in results["runs"]) else 1
 
 

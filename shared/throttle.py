@@ -46,7 +46,7 @@ per Dataverse environment and application user: the unit service protection coun
 "budget": {"requests" | "executionMs": {"limit": <number>, "windowSeconds": <number>,
 "learnedAt": <unix s>}}, "joined": <instances announced>}``; heartbeats: empty blobs
 ``<dataverse host>/<client id>/instances/<instance id>`` whose metadata ``seen`` is <unix s> (now, or
-the end of the window the instance is waiting out).
+later: the end of the window the instance waits out or of the send slots it has reserved).
 Times are wall-clock Unix seconds: instances of one deployment share a clock to within NTP's precision.
 """
 
@@ -710,9 +710,13 @@ class DeploymentThrottle:
         """Beat (this instance's own blob) and count the live instances that share the budget."""
         assert self.store is not None
         now = self._clock()
-        # An instance waiting out a window still has work: it declares itself present through the
-        # window, else the others would count it gone and each take a larger share when all resume.
-        self.store.beat(self.instance_id, max(now, self.until))
+        # An instance waiting out a window, or whose threads all sleep on paced send slots reserved
+        # ahead, still has work but calls nothing that would beat: it declares itself present through
+        # the window and the reserved slots, else the others would count it gone and each take a
+        # larger share of the budget.
+        with self._lock:
+            present = max(now, self.until, self._next_send)
+        self.store.beat(self.instance_id, present)
         if not self._joined:
             # Announce this instance once, in the blob every instance re-reads each refresh period,
             # so that the others count it now (listing heartbeats is a heavier call, made per period).

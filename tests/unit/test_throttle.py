@@ -461,3 +461,13 @@ def test_an_instance_waiting_out_a_window_still_counts_so_no_one_takes_its_share
     clock.now += 10.0  # the window is over and a still says nothing: gone
     b._heartbeat()
     assert b.active_instances == 1
+
+
+def test_an_instance_whose_threads_sleep_on_reserved_send_slots_still_counts() -> None:
+    clock, store = Clock(), MemoryStore()
+    a = throttle(store, clock, "a", refresh_seconds=0, heartbeat_seconds=1)
+    a.observe(429, 1.0, 16, *REQUESTS_429)
+    clock.now += 2.0
+    a._next_send = clock.now + 16.0  # 24 sends reserved ahead at its pace: no thread enters slot()
+    a._heartbeat()
+    assert store.heartbeats["a"] == pytest.approx(clock.now + 16.0)
