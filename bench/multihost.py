@@ -71,12 +71,15 @@ def _queue(connection: str, name: str) -> Any:
     return QueueClient.from_connection_string(connection, name)
 
 
-def enqueue(connection: str, queue: str, bodies: list[str]) -> None:
+def create_queues(connection: str, queue: str) -> None:
     from azure.core.exceptions import ResourceExistsError
 
     for name in (queue, f"{queue}-poison", f"{queue}-deadletter"):
         with contextlib.suppress(ResourceExistsError):
             _queue(connection, name).create_queue()
+
+
+def enqueue(connection: str, queue: str, bodies: list[str]) -> None:
     clients: dict[int, Any] = {}
 
     def send(chunk: list[str]) -> None:
@@ -213,6 +216,7 @@ def one_run(stack: StackProcess, n: int, shared: bool, jobs: int, timeout: float
             "key": {"emailaddress1": f"{prefix}-{i:06d}@example.com"},
             "data": {"lastname": f"W5 {i}"}, "actAs": {"email": f"actor{i % ACTORS + 1:04d}@contoso.com"},
         }, "bench", key), separators=(",", ":")) for i in range(jobs)]
+        create_queues(connection, queue)
         enqueue(connection, queue, bodies[:BACKLOG])
         feeder = Feeder(connection, queue, bodies[BACKLOG:])
         sbx.reset_counters()
@@ -315,9 +319,9 @@ def run(quick: bool, hosts: tuple[int, ...] = HOSTS, jobs: int | None = None, ti
                 f"duplicates {result['duplicates']}, hosts' CPU {result['children_cpu_s']} s")
     latest = RESULTS / "w5-latest.json"
     if merge and latest.is_file():
+        remeasured = {(r["hosts"], r["shared"], r.get("limited", True)) for r in runs}
         kept = [r for r in json.loads(latest.read_text(encoding="utf-8"))["runs"]
-                if (r["hosts"], r["shared"], r.get("limited", True))
-                not in {(r2["hosts"], r2["shared"], r2.get("limited", True)) for r2 in runs}]
+                if (r["hosts"], r["shared"], r.get("limited", True)) not in remeasured]
         runs = sorted(kept + runs, key=lambda r: (not r.get("limited", True), r["hosts"], not r["shared"]))
     results = {
         "quick": quick, "finished_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -79,7 +79,7 @@ CONTAINER = "dataverse-throttle"
 STATE_VERSION = 1
 DEGRADED_RETRY_SECONDS = 30.0  # how long to work per instance after storage failed, before trying again
 STALE_HEARTBEATS = 3  # an instance whose heartbeat is older than this many periods no longer counts
-FORGET_HEARTBEATS = 20  # ... and is removed from the blob at the next write
+FORGET_HEARTBEATS = 20  # ... and its heartbeat blob is deleted by the next instance that counts
 WRITE_ATTEMPTS = 5  # conditional-write conflicts tolerated before giving up on one update
 DEFAULT_RETRY_AFTER = 1.0
 PACE_GROWTH = 1.05  # paced rate x this per ``grow_after`` successes in a row
@@ -347,7 +347,7 @@ class ThrottleStats:
     refused: int = 0  # requests failed unsent: the window or a slot was beyond the budget
     throttled: int = 0  # 429s this instance received
     reads: int = 0  # state GETs sent (304s included)
-    writes: int = 0  # state writes that landed
+    writes: int = 0  # window writes that landed, and heartbeats
     conflicts: int = 0  # conditional writes that lost a race (re-read and retried)
     storage_errors: int = 0
     learned: int = 0  # windows learned from another instance through the blob
